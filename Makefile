@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make test` and `make reproduce` (each creates .venv on first use).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+SCALE ?= mini
+RUNS_DIR ?= runs
+QUICK ?= 0
+FORCE ?= 0
+PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
+
+.PHONY: test reproduce results venv clean-venv bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $@
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+# The main job: every stage (and ablation) of every pipeline at SCALE, then results/ regenerated from the runs.
+reproduce: venv
+	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --pipelines $(PIPELINES)
+
+results: venv
+	$(VPY) results/make_results.py $(RUNS_DIR) --out results
+
+bench: venv
+	$(VPY) benchmarks/bench_train_step.py --model bert
+	$(VPY) benchmarks/bench_train_step.py --model vit
+
+clean-venv:
+	rm -rf $(VENV)

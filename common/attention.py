@@ -1,0 +1,133 @@
+"""Quantized attention: 4-bit operands of Q·Kᵀ and of softmax(·)·V.
+
+Hugging Face transformers 5.x models call a registered attention function (`AttentionInterface`); we register
+"compressed" and switch the model to it, so no model code is patched. The quantizers live on each attention module
+(`module.attn_quant`), where the function finds them. timm ViT: its `Attention` is swapped for a subclass that runs
+timm's explicit (non-fused) path with the quantizers in it; parameter names are unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pact import ActQuantizer
+
+ATTN_IMPL = "compressed"
+
+
+class AttentionQuantizers(nn.Module):
+    """One quantizer per matmul operand: q, k (Q·Kᵀ) and p (softmax output), v (P·V)."""
+
+    def __init__(self, bits: int, prob_bits: int, method: str, zero_preserving: bool):
+        super().__init__()
+        self.q = ActQuantizer(bits, method, zero_preserving)
+        self.k = ActQuantizer(bits, method, zero_preserving)
+        self.v = ActQuantizer(bits, method, zero_preserving)
+        # probabilities are in [0, 1]: one-sided, and exact zeros (masked keys) stay zero on any grid
+        self.p = ActQuantizer(prob_bits, method, zero_preserving, signed=False, init_range=(0.0, 1.0))
+
+
+def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants: AttentionQuantizers | None):
+    """Explicit attention (B, H, L, D) -> (B, H, L, D), probabilities; quantized operands when `quants` is given."""
+    if quants is not None:
+        q, k, v = quants.q(q), quants.k(k), quants.v(v)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scaling
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    probs = scores.softmax(dim=-1)
+    if quants is not None:
+        probs = quants.p(probs)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return torch.matmul(probs, v), probs
+
+
+# -- Hugging Face ---------------------------------------------------------------------------------------------
+def hf_compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: eager attention whose operands are fake-quantized by `module.attn_quant`."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat K/V heads as the eager path does
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    out, probs = attention_core(query, key, value, attention_mask, scaling, dropout, module.training,
+                                getattr(module, "attn_quant", None))
+    return out.transpose(1, 2).contiguous(), probs
+
+
+_registered = False
+
+
+def register_hf_attention() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(ATTN_IMPL, hf_compressed_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)  # additive float mask, as the eager path uses
+    _registered = True
+
+
+def is_hf_attention(module: nn.Module) -> bool:
+    """HF attention modules hold their Q/K/V projections as query/key/value or q_proj/k_proj/v_proj."""
+    names = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+    return hasattr(module, "config") and any(
+        all(isinstance(getattr(module, n, None), nn.Linear) for n in trio) for trio in names)
+
+
+# -- timm -----------------------------------------------------------------------------------------------------
+def _timm_attention_cls():
+    try:
+        from timm.layers import Attention
+    except ImportError:  # timm is optional for users of the HF side
+        return None
+    return Attention
+
+
+@functools.cache
+def timm_compressed_attention_cls():
+    """The subclass is built on first use so that timm stays an optional import."""
+    Attention = _timm_attention_cls()
+
+    class CompressedTimmAttention(Attention):
+        """timm Attention running its explicit path, with `attn_quant` on the matmul operands."""
+
+        @classmethod
+        def from_timm(cls, attn: Attention, quants: AttentionQuantizers | None):
+            new = cls.__new__(cls)
+            new.__dict__.update(attn.__dict__)  # same submodules and parameters, so state_dict keys are unchanged
+            new.attn_quant = quants
+            return new
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            mask = None
+            if is_causal:
+                mask = torch.full((N, N), float("-inf"), device=x.device, dtype=q.dtype).triu(1)
+            if attn_mask is not None:
+                am = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(
+                    attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+                mask = am if mask is None else mask + am
+            x, _ = attention_core(q, k, v, mask, self.scale, self.attn_drop.p, self.training, self.attn_quant)
+            x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+            x = self.norm(x)
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    return CompressedTimmAttention
+
+
+def is_timm_attention(module: nn.Module) -> bool:
+    Attention = _timm_attention_cls()
+    return Attention is not None and type(module) is Attention

@@ -1,0 +1,68 @@
+"""Knowledge distillation from the full-precision fine-tuned model (paper: part of the critical initialization;
+the exact loss is our choice): loss = (1-λ)·task + λ·T²·KL(teacher_T ‖ student_T) [+ β·MSE(hidden states)].
+
+As in DeiT, the loss module wraps the task loss and owns the teacher: frozen, eval mode, run under no_grad.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def logits_of(outputs) -> list[torch.Tensor]:
+    """The logits to distill: QA start/end logits, or `.logits` (CTC frames, classes), or a plain tensor."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if getattr(outputs, "start_logits", None) is not None:
+        return [outputs.start_logits, outputs.end_logits]
+    if getattr(outputs, "logits", None) is not None:
+        return [outputs.logits]
+    if isinstance(outputs, (tuple, list)):
+        return [o for o in outputs if isinstance(o, torch.Tensor)]
+    raise TypeError(f"cannot find logits in {type(outputs).__name__}")
+
+
+def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None):
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions (those where mask is True)."""
+    T = temperature
+    s = F.log_softmax(student.float() / T, dim=-1)
+    t = F.log_softmax(teacher.float() / T, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    if mask is not None:
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1) * T * T
+    return kl.mean() * T * T
+
+
+class DistillationLoss(nn.Module):
+    def __init__(self, teacher: nn.Module, lam: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0):
+        super().__init__()
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"distillation weight lambda must be in [0, 1], got {lam}")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.lam, self.temperature, self.hidden_weight = lam, temperature, hidden_weight
+
+    def train(self, mode: bool = True):  # the teacher stays in eval mode whatever the trainer does
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_outputs(self, *args, **kwargs):
+        return self.teacher(*args, **kwargs)
+
+    def forward(self, task_loss: torch.Tensor, student_out, teacher_out, mask: torch.Tensor | None = None):
+        """`mask` ([B, L] bool) restricts sequence logits (e.g. CTC frames) to valid positions."""
+        kd = sum(kd_kl(s, t, self.temperature, mask if s.dim() == 3 else None)
+                 for s, t in zip(logits_of(student_out), logits_of(teacher_out))) / len(logits_of(student_out))
+        loss = (1 - self.lam) * task_loss + self.lam * kd
+        if self.hidden_weight > 0:
+            sh, th = student_out.hidden_states, teacher_out.hidden_states
+            if sh is None or th is None:
+                raise ValueError("hidden_weight > 0 needs output_hidden_states=True for student and teacher")
+            mse = sum(F.mse_loss(a.float(), b.float()) for a, b in zip(sh, th)) / len(sh)
+            loss = loss + self.hidden_weight * mse
+        return loss

@@ -1,0 +1,75 @@
+"""Fake quantization grids and the uniform quantize-dequantize op (shared by weight and activation quantizers).
+
+Weights use a symmetric grid over [-c, c]:
+  zero-preserving (paper): 2^b - 1 levels k*c/(2^(b-1)-1), k = -(2^(b-1)-1)..(2^(b-1)-1); 4 bits: k*c/7, exact 0.
+  plain (ablation): 2^b levels spread evenly over [-c, c], (k + 1/2)*s, s = 2c/(2^b-1), k = -2^(b-1)..2^(b-1)-1;
+  it has no zero level, so a pruned weight comes back as +-s/2 = +-c/15 at 4 bits.
+Activations use an asymmetric grid of 2^b levels over [lo, hi]; zero-preserving rounds the zero point to an
+integer so that 0.0 (padding, masked positions, pruned inputs) is exactly a level.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def weight_qrange(bits: int, zero_preserving: bool) -> tuple[int, int]:
+    half = 2 ** (bits - 1)
+    return (-(half - 1), half - 1) if zero_preserving else (-half, half - 1)
+
+
+def weight_step(clip: torch.Tensor, bits: int, zero_preserving: bool) -> torch.Tensor:
+    """Step s of the weight grid for clip c (tensor, per tensor or per channel)."""
+    return clip / (2 ** (bits - 1) - 1) if zero_preserving else clip * (2.0 / (2**bits - 1))
+
+
+def fq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """(clamp(round(x/scale) + zp, qmin, qmax) - zp) * scale, per tensor (scalar scale) or per row (scale [C, 1]).
+
+    Uses PyTorch's fused kernels, which are also the reference the tests compare against bit-exactly.
+    """
+    if scale.dim() == 0 or scale.numel() == 1:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zero_point.reshape(()).int(), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(
+        x, scale.reshape(-1).float(), zero_point.reshape(-1).int(), 0, qmin, qmax)
+
+
+def quantize_weight(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserving: bool) -> torch.Tensor:
+    """Fake-quantize weights with a symmetric grid of step `step` (scalar or [C, 1])."""
+    qmin, qmax = weight_qrange(bits, zero_preserving)
+    zp = torch.zeros_like(step, dtype=torch.int32)
+    if zero_preserving:
+        return fq(w, step, zp, qmin, qmax)
+    half = step * 0.5  # plain grid: integer grid shifted by half a step (no exact zero, by design of the ablation)
+    return fq(w - half, step, zp, qmin, qmax) + half
+
+
+def weight_codes(wq: torch.Tensor, step: torch.Tensor, zero_preserving: bool) -> torch.Tensor:
+    """Integer codes k of already fake-quantized weights (inverse of `dequantize_weight`), as int8."""
+    if not zero_preserving:
+        wq = wq - step * 0.5
+    return torch.round(wq / step).to(torch.int8)
+
+
+def dequantize_weight(codes: torch.Tensor, step: torch.Tensor, zero_preserving: bool) -> torch.Tensor:
+    """codes * step (+ step/2 on the plain grid): the same float ops as `quantize_weight`, hence bit-identical."""
+    w = codes.to(step.dtype) * step
+    return w if zero_preserving else w + step * 0.5
+
+
+def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, zero_preserving: bool):
+    """Scale, zero point and the effective clip range of the activation grid over [lo, hi]."""
+    n = 2**bits - 1
+    scale = ((hi - lo) / n).clamp_min(1e-8)
+    zp = -lo / scale
+    if zero_preserving:
+        zp = torch.round(zp).clamp(0, n)
+    return scale, zp, -zp * scale, (n - zp) * scale
+
+
+def quantize_act(x: torch.Tensor, scale, zp, bits: int, zero_preserving: bool) -> torch.Tensor:
+    n = 2**bits - 1
+    if zero_preserving:
+        return fq(x, scale, zp.to(torch.int32), 0, n)
+    # plain asymmetric grid: the zero point is not an integer, so 0.0 is generally not a level
+    off = zp * scale
+    return fq(x + off, scale, torch.zeros((), dtype=torch.int32), 0, n) - off

@@ -1,0 +1,53 @@
+"""Hugging Face Trainer integration shared by the BERT and wav2vec2 pipelines: KD in `compute_loss`, and
+scheduled dropout as a callback (no patching of the Trainer or the optimizer)."""
+from __future__ import annotations
+
+from transformers import Trainer, TrainerCallback
+
+from .distill import DistillationLoss
+from .dropout import ScheduledDropout
+
+
+class ScheduledDropoutCallback(TrainerCallback):
+    def __init__(self, schedule: str = "linear", end_p: float = 0.0, start_p: float | None = None,
+                 step_at: float = 0.5):
+        self.kw = dict(schedule=schedule, end_p=end_p, start_p=start_p, step_at=step_at)
+        self.sched = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.sched = ScheduledDropout(model, state.max_steps, **self.kw)
+        self.sched.step(state.global_step)  # a resumed run continues the schedule where it stopped
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.sched is not None:
+            self.sched.step(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.sched is not None and logs is not None and "loss" in logs:
+            logs["dropout_factor"] = round(self.sched.factor(state.global_step), 4)
+
+
+class CompressionTrainer(Trainer):
+    """Trainer whose loss adds distillation from a frozen teacher when `distiller` is given.
+
+    `kd_mask_fn(model, inputs, outputs)` may return a [B, L] bool mask of valid positions for sequence logits
+    (e.g. CTC frames of padded audio)."""
+
+    def __init__(self, *args, distiller: DistillationLoss | None = None, kd_mask_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distiller = distiller
+        self.kd_mask_fn = kd_mask_fn
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.distiller is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        task_loss = outputs["loss"]
+        teacher = self.distiller.teacher
+        device = next(model.parameters()).device
+        if next(teacher.parameters()).device != device:
+            teacher.to(device)
+        teacher_out = self.distiller.teacher_outputs(**inputs)
+        mask = self.kd_mask_fn(model, inputs, outputs) if self.kd_mask_fn else None
+        loss = self.distiller(task_loss, outputs, teacher_out, mask)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,124 @@
+"""The compressed linear layer: 2:4-masked, fake-quantized weights on fake-quantized inputs, in one Function.
+
+One autograd.Function for the whole layer (instead of a chain of torch ops) keeps the QAT step close to the FP
+step: the backward reuses the quantized operands saved by the forward and needs no graph of its own.
+The mask is a buffer computed once by `prepare`; the forward multiplies by it and the weight gradient is masked,
+so the pruned weights stay exactly zero under any optimizer (AdamW, SGD+momentum+weight decay), by construction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fake_quant import quantize_weight, weight_step
+from .pact import ActQuantizer, _act_backward, _act_forward
+from .sawb import weight_clip
+
+
+class WeightQuantSpec:
+    """How a layer quantizes its weight (no state: SAWB recomputes the clip from the weight every step)."""
+
+    def __init__(self, bits, method="sawb", zero_preserving=True, per_channel=False, density=1.0):
+        self.bits, self.method, self.zero_preserving = bits, method, zero_preserving
+        self.per_channel, self.density = per_channel, density
+
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        per_row = w.shape[1] if self.per_channel else w.numel()
+        kept = max(1, round(per_row * self.density))
+        clip = weight_clip(self.method, w, self.bits, self.zero_preserving, self.per_channel, kept)
+        return weight_step(clip, self.bits, self.zero_preserving)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return quantize_weight(w, self.step(w), self.bits, self.zero_preserving)
+
+    def __repr__(self):
+        return (f"W{self.bits}({self.method}{', per_channel' if self.per_channel else ''}"
+                f"{', zero_preserving' if self.zero_preserving else ', plain grid'})")
+
+
+class CompressedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, lo, hi, wspec, aspec):
+        w = weight if mask is None else weight * mask
+        wq = wspec(w) if wspec is not None else w
+        if aspec is not None:
+            xq, lo_eff, hi_eff = _act_forward(x, lo, hi, aspec[0], aspec[1])
+        else:
+            xq, lo_eff, hi_eff = x, None, None
+        y = F.linear(xq, wq.to(xq.dtype), None if bias is None else bias.to(xq.dtype))
+        ctx.save_for_backward(x if aspec is not None else None, xq, wq, mask, lo_eff, hi_eff)
+        ctx.cfg = (aspec, bias is not None, weight.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, xq, wq, mask, lo_eff, hi_eff = ctx.saved_tensors
+        aspec, has_bias, wdtype = ctx.cfg
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gw = gb = gx = g_lo = g_hi = None
+        if ctx.needs_input_grad[1]:
+            # STE for the weight quantizer (identity), masked so pruned weights never move
+            gw = g2.t().mm(xq.reshape(-1, xq.shape[-1]).to(g2.dtype)).to(wdtype)
+            if mask is not None:
+                gw.mul_(mask)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(wdtype)
+        if ctx.needs_input_grad[0] or (aspec is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])):
+            gxq = gy.matmul(wq.to(gy.dtype))
+            if aspec is not None:
+                gx, g_lo, g_hi = _act_backward(gxq, x, xq, lo_eff, hi_eff, aspec[2], aspec[3])
+            else:
+                gx = gxq
+        return gx, gw, gb, None, g_lo, g_hi, None, None
+
+
+class CompressedLinear(nn.Linear):
+    """Drop-in nn.Linear (same parameter names) with N:M-masked, fake-quantized weights and quantized inputs."""
+
+    def __init__(self, in_features, out_features, bias=True, wspec: WeightQuantSpec | None = None,
+                 input_quant: ActQuantizer | None = None, nm: tuple[int, int] | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.wspec = wspec
+        self.input_quant = input_quant
+        self.nm = nm
+        self.register_buffer("mask", None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, wspec, input_quant, nm, mask: torch.Tensor | None = None):
+        from .sparsity import nm_mask
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, wspec, input_quant, nm,
+                  device=lin.weight.device, dtype=lin.weight.dtype)
+        with torch.no_grad():
+            if nm is not None:
+                m = nm_mask(lin.weight, *nm) if mask is None else mask.to(device=lin.weight.device, dtype=torch.bool)
+                if m.shape != lin.weight.shape:
+                    raise ValueError(f"mask shape {tuple(m.shape)} != weight shape {tuple(lin.weight.shape)}")
+                new.mask = m
+                new.weight.copy_(lin.weight * m)  # stored already masked
+            else:
+                new.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        new.weight.requires_grad_(lin.weight.requires_grad)
+        return new
+
+    def extra_repr(self):
+        nm = f"{self.nm[0]}:{self.nm[1]}" if self.nm else "dense"
+        return f"{super().extra_repr()}, weight={self.wspec or 'fp'}, sparsity={nm}"
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """Exactly the weight the forward multiplies with (masked, then fake-quantized)."""
+        w = self.weight if self.mask is None else self.weight * self.mask
+        return self.wspec(w) if self.wspec is not None else w.clone()
+
+    def forward(self, x):
+        aq = self.input_quant
+        if aq is not None and aq.observing:
+            aq.observe(x, aq.observing)
+            aq = None
+        aspec = None if aq is None else (aq.bits, aq.zero_preserving, bool(aq.signed), aq.method == "pact+")
+        return CompressedLinearFn.apply(x, self.weight, self.bias, self.mask,
+                                        None if aq is None else aq.lo, None if aq is None else aq.hi,
+                                        self.wspec, aspec)

@@ -1,0 +1,120 @@
+"""Activation quantizers: PACT with learnable clips (Choi et al. 2018), its two-sided variant, PACT+, min-max.
+
+One-sided PACT clamps to [0, alpha]; inputs that can be negative (after LayerNorm, Q/K/V, GELU's small negatives)
+use the two-sided variant with learnable lo and hi. Whether a quantizer is signed is decided by calibration (the
+observed minimum), or fixed at construction (softmax probabilities are never negative).
+Gradients (straight-through estimator): x gets the upstream gradient inside [lo, hi]; hi gets it where x > hi, lo
+where x < lo (PACT). PACT+ (IBM's LSQ-like variant) also gives hi/lo the rounding residual inside the range.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fake_quant import act_qparams, quantize_act
+
+
+def _act_forward(x, lo, hi, bits, zero_preserving):
+    scale, zp, lo_eff, hi_eff = act_qparams(lo, hi, bits, zero_preserving)
+    return quantize_act(x, scale, zp, bits, zero_preserving), lo_eff, hi_eff
+
+
+def _act_backward(g, x, xq, lo_eff, hi_eff, signed, plus):
+    """Gradients w.r.t. (x, lo, hi) of the STE. Shared by the standalone and the fused linear Functions."""
+    above = x > hi_eff
+    below = x < lo_eff
+    gx = g.masked_fill(above | below, 0)
+    g_hi = g.masked_fill(~above, 0).sum()
+    g_lo = g.masked_fill(~below, 0).sum() if signed else None
+    if plus:  # rounding residual (xq - x)/(hi - lo): d xq / d hi inside the range (LSQ-like), minus that for lo
+        r = ((xq - x) * gx).sum() / (hi_eff - lo_eff)
+        g_hi = g_hi + r
+        if signed:
+            g_lo = g_lo - r
+    return gx, g_lo, g_hi
+
+
+class ActFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lo, hi, bits, zero_preserving, signed, plus):
+        xq, lo_eff, hi_eff = _act_forward(x, lo, hi, bits, zero_preserving)
+        ctx.save_for_backward(x, xq if plus else None, lo_eff, hi_eff)
+        ctx.cfg = (signed, plus)
+        return xq
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xq, lo_eff, hi_eff = ctx.saved_tensors
+        gx, g_lo, g_hi = _act_backward(g, x, xq, lo_eff, hi_eff, *ctx.cfg)
+        return gx, g_lo, g_hi, None, None, None, None
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake-quantizer with clip range [lo, hi] (learnable for PACT, fixed for min-max).
+
+    `observing=True` turns it into a pass-through that records statistics for `common.calibrate`.
+    """
+
+    def __init__(self, bits: int = 4, method: str = "pact", zero_preserving: bool = True, signed: bool | None = None,
+                 init_range: tuple[float, float] = (-8.0, 8.0)):
+        super().__init__()
+        self.bits, self.method, self.zero_preserving = bits, method, zero_preserving
+        learn = method in ("pact", "pact+")
+        lo, hi = init_range if signed is not False else (0.0, init_range[1])
+        self.lo = nn.Parameter(torch.tensor(float(lo)), requires_grad=learn)
+        self.hi = nn.Parameter(torch.tensor(float(hi)), requires_grad=learn)
+        # persisted, so a reloaded model quantizes exactly as the trained one
+        self.register_buffer("signed", torch.tensor(True if signed is None else bool(signed)))
+        self.fixed_sign = signed is not None
+        self.observing = False
+        self._obs = None
+
+    def extra_repr(self):
+        return f"bits={self.bits}, method={self.method}, zero_preserving={self.zero_preserving}, " \
+               f"signed={bool(self.signed)}, range=[{self.lo.item():.4g}, {self.hi.item():.4g}]"
+
+    # -- calibration -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, percentile: float) -> None:
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() > 1 << 18:  # a strided subsample keeps percentile estimation cheap on long sequences
+            flat = flat[:: flat.numel() // (1 << 18) + 1]
+        q = torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device)
+        p_lo, p_hi = torch.quantile(flat, q) if percentile < 100 else (flat.min(), flat.max())
+        mn = flat.min()
+        if self._obs is None:
+            self._obs = [p_lo * 0, p_hi * 0, mn, 0]
+        o = self._obs
+        o[0], o[1], o[2], o[3] = o[0] + p_lo, o[1] + p_hi, torch.minimum(o[2], mn), o[3] + 1
+
+    @torch.no_grad()
+    def finish_calibration(self) -> bool:
+        """Set the clips from the mean per-batch percentiles. Returns False if nothing was observed."""
+        if self._obs is None:
+            return False
+        s_lo, s_hi, mn, n = self._obs
+        self._obs = None
+        if not self.fixed_sign:
+            self.signed.fill_(bool(mn < 0))
+        hi = max(float(s_hi / n), 1e-4)
+        lo = min(float(s_lo / n), 0.0) if bool(self.signed) else 0.0
+        if lo >= hi:
+            lo = -hi
+        self.lo.fill_(lo)
+        self.hi.fill_(hi)
+        return True
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:  # the calibration percentile while calibrating, else False
+            self.observe(x, self.observing)
+            return x
+        return ActFakeQuant.apply(x, self.lo, self.hi, self.bits, self.zero_preserving, bool(self.signed),
+                                  self.method == "pact+")
+
+    def freeze(self) -> None:
+        """Turn the clips into buffers (for `convert`): same values, no longer trainable."""
+        for name in ("lo", "hi"):
+            v = getattr(self, name).detach().clone()
+            delattr(self, name)
+            self.register_buffer(name, v)

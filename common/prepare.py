@@ -1,0 +1,179 @@
+"""prepare / calibrate / convert: turn a model into the compressed training model, and freeze it for inference."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .attention import (ATTN_IMPL, AttentionQuantizers, is_hf_attention, is_timm_attention, register_hf_attention,
+                        timm_compressed_attention_cls)
+from .fake_quant import act_qparams, dequantize_weight, quantize_act, weight_codes
+from .linear import CompressedLinear, WeightQuantSpec
+from .pact import ActQuantizer
+from .recipe import Recipe
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Swap the backbone's nn.Linear layers for CompressedLinear and quantize attention inputs, in place.
+
+    N:M masks are computed here, once, from the weights the model holds now (so the stage's init checkpoint
+    decides them), unless `masks` ({linear name: bool mask}, e.g. from a sparse checkpoint) gives them.
+    """
+    if getattr(model, "compression_recipe", None) is not None:
+        raise ValueError("model is already prepared; build a fresh model to prepare it with another recipe")
+    masks = masks or {}
+    nm = recipe.nm
+    density = nm[0] / nm[1] if nm else 1.0
+    n_linear = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear or recipe.skips(name):
+            continue
+        wspec = (WeightQuantSpec(recipe.w_bits, recipe.w_quantizer, recipe.zero_preserving, recipe.per_channel,
+                                 density) if recipe.quantize_weights else None)
+        aq = ActQuantizer(recipe.a_bits, recipe.a_quantizer, recipe.zero_preserving) if recipe.quantize_acts else None
+        _set_child(model, name, CompressedLinear.from_linear(mod, wspec, aq, nm, masks.get(name)))
+        n_linear += 1
+    if n_linear == 0 and recipe.compresses:
+        warnings.warn("prepare: no nn.Linear outside the skip patterns was found; nothing was compressed")
+
+    n_attn = 0
+    if recipe.quantize_attention and recipe.quantize_acts:
+        prob_bits = recipe.attn_prob_bits or recipe.a_bits
+        make = lambda: AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving)
+        for name, mod in list(model.named_modules()):
+            if recipe.skips(name):
+                continue
+            if is_timm_attention(mod):
+                _set_child(model, name, timm_compressed_attention_cls().from_timm(mod, make()))
+                n_attn += 1
+            elif is_hf_attention(mod):
+                mod.attn_quant = make()
+                n_attn += 1
+        if n_attn == 0:
+            raise ValueError("quantize_attention=True but the model has no supported attention module "
+                             "(Hugging Face AttentionInterface models or timm Attention); set it to false")
+        if hasattr(model, "set_attn_implementation") and any(is_hf_attention(m) for m in model.modules()):
+            register_hf_attention()
+            model.set_attn_implementation(ATTN_IMPL)
+    model.compression_recipe = recipe
+    return model
+
+
+def compressed_linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (CompressedLinear, FrozenCompressedLinear))}
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def masks_of(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{linear name: mask} from a prepared model's state dict (to carry masks into the next stage)."""
+    return {k[: -len(".mask")]: v.bool() for k, v in state_dict.items() if k.endswith(".mask")}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, percentile: float | None = None,
+              forward=None, max_batches: int | None = None) -> int:
+    """Initialise every activation clip from data before QAT: mean over batches of the per-batch percentiles
+    (lo from 100-p, hi from p; percentile 100 = min/max). Activations are observed unquantized, weights quantized.
+
+    `batches`: dicts (passed as **kwargs), tuples (*args) or tensors; `forward(model, batch)` overrides that.
+    Returns the number of batches used.
+    """
+    recipe = getattr(model, "compression_recipe", None)
+    p = percentile if percentile is not None else (recipe.calib_percentile if recipe else 99.9)
+    limit = max_batches if max_batches is not None else (recipe.calib_batches if recipe else None)
+    quants = act_quantizers(model)
+    if not quants:
+        return 0
+    was_training = model.training
+    model.eval()
+    for q in quants.values():
+        q.observing = float(p)
+    n = 0
+    try:
+        for batch in batches:
+            if limit is not None and n >= limit:
+                break
+            if forward is not None:
+                forward(model, batch)
+            elif isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+            n += 1
+    finally:
+        for q in quants.values():
+            q.observing = False
+    unseen = [name for name, q in quants.items() if not q.finish_calibration()]
+    if n and unseen:
+        warnings.warn(f"calibrate: {len(unseen)} activation quantizers saw no data, e.g. {unseen[:3]}")
+    model.train(was_training)
+    return n
+
+
+class FrozenCompressedLinear(nn.Module):
+    """Inference form of CompressedLinear: integer weight codes + step (pruned positions are code 0 on the
+    zero-preserving grid), the mask, and the frozen input quantizer. Same outputs as the prepared layer in eval."""
+
+    def __init__(self, src: CompressedLinear):
+        super().__init__()
+        self.in_features, self.out_features = src.in_features, src.out_features
+        self.nm = src.nm
+        w = src.weight.detach() if src.mask is None else src.weight.detach() * src.mask
+        self.w_bits = src.wspec.bits if src.wspec else 32
+        self.zero_preserving = src.wspec.zero_preserving if src.wspec else True
+        self.register_buffer("mask", None if src.mask is None else src.mask.clone())
+        if src.wspec is not None:
+            step = src.wspec.step(w)
+            wq = src.wspec(w)
+            self.register_buffer("weight_codes", weight_codes(wq, step, self.zero_preserving))
+            self.register_buffer("weight_step", step.detach().clone())
+            self.weight = None
+        else:
+            self.register_buffer("weight", w.clone())
+        self.register_buffer("bias", None if src.bias is None else src.bias.detach().clone())
+        self.input_quant = src.input_quant
+        if self.input_quant is not None:
+            self.input_quant.freeze()
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, nm={self.nm}"
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        return dequantize_weight(self.weight_codes, self.weight_step, self.zero_preserving)
+
+    def forward(self, x):
+        aq = self.input_quant
+        if aq is not None:
+            scale, zp, _, _ = act_qparams(aq.lo, aq.hi, aq.bits, aq.zero_preserving)
+            x = quantize_act(x, scale, zp, aq.bits, aq.zero_preserving)
+        w = self.effective_weight()
+        return nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Freeze a prepared model for inference/export, in place: integer weight codes + steps, frozen clips."""
+    if getattr(model, "compression_recipe", None) is None:
+        raise ValueError("convert: the model was not prepared (common.prepare)")
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, CompressedLinear):
+            _set_child(model, name, FrozenCompressedLinear(mod))
+    for q in act_quantizers(model).values():
+        if isinstance(q.hi, nn.Parameter):
+            q.freeze()
+    model.compression_converted = True
+    return model.eval()

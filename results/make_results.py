@@ -1,0 +1,705 @@
+#!/usr/bin/env python
+"""Gather every run into tables and plots.
+
+    python results/make_results.py [RUNS_DIR] [--out results]
+
+RUNS_DIR (default: $RUNS_DIR, else ./runs) holds one directory per run,
+RUNS_DIR/<scale>/<pipeline>/<stage>/, each with metrics.json (required),
+config.yaml, log_history.json, weight_sample.npz and compression.json (optional).
+Writes main_table.{md,csv}, ablations.{md,csv}, plot_*.png and README.md
+(from README.template.md) into --out. Broken runs are reported on stderr and
+skipped. Tables are deterministic: same runs in, same bytes out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------- contract ---
+# Keys a metrics.json must have; without them the run cannot be placed in a table.
+REQUIRED_KEYS = ("pipeline", "stage", "scale", "model", "main_metric", "higher_is_better")
+# Stage directory -> row label of the main table (order = table order).
+MAIN_ROWS = {"fp": "FP", "sparse": "2:4", "qat4_dense": "W4A4", "qat4": "W4A4+2:4"}
+FULL_RECIPE = "qat4"  # ablations are compared against this stage
+ABLATION_PREFIX = "abl_"
+SCALE_ORDER = ("paper", "mini")
+PIPELINE_ORDER = ("bert_squad", "wav2vec_librispeech", "vit_imagenet")
+PIPELINE_TITLES = {
+    "bert_squad": "BERT-base / SQuAD1.1",
+    "wav2vec_librispeech": "Wav2vec2.0-large / LibriSpeech",
+    "vit_imagenet": "ViT-base / ImageNet-1k",
+}
+# Task metrics per pipeline (percent), in column order.
+METRICS = {
+    "bert_squad": ["exact_match", "f1"],
+    "wav2vec_librispeech": ["wer_test_clean", "wer_test_other", "wer_dev_clean", "cer_test_clean"],
+    "vit_imagenet": ["top1", "top5"],
+}
+METRIC_LABELS = {
+    "exact_match": "EM", "f1": "F1", "top1": "Top-1", "top5": "Top-5",
+    "wer_test_clean": "WER test-clean", "wer_test_other": "WER test-other",
+    "wer_dev_clean": "WER dev-clean", "cer_test_clean": "CER test-clean",
+}
+# Nominal backbone compression of each row; only used to place the paper's
+# reference points on the metric-vs-compression plot (runs use their own ratio).
+NOMINAL_RATIO = {"FP": 1.0, "2:4": 2.0, "W4A4": 8.0, "W4A4+2:4": 16.0}
+EXPORT_KEYS = ("backbone_ratio_vs_fp32", "model_ratio_vs_fp32", "model_ratio_vs_fp16",
+               "bits_per_backbone_weight", "file_bytes")
+MISSING = "—"  # shown in markdown for an absent value
+
+
+def warn(msg: str) -> None:
+    print(f"[make_results] {msg}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ loading ---
+@dataclass
+class Run:
+    dir: Path
+    rel: str  # path relative to RUNS_DIR: keeps output independent of where runs live
+    m: dict
+    config: dict | None
+    config_sha1: str
+    log_history: list
+    compression: dict | None
+    weight_sample: Path | None
+
+    @property
+    def scale(self) -> str:
+        return str(self.m["scale"])
+
+    @property
+    def pipeline(self) -> str:
+        return str(self.m["pipeline"])
+
+    @property
+    def stage(self) -> str:
+        return str(self.m["stage"])
+
+    @property
+    def row(self) -> str:
+        return MAIN_ROWS.get(self.stage, self.stage)
+
+    @property
+    def is_ablation(self) -> bool:
+        return self.stage.startswith(ABLATION_PREFIX)
+
+    @property
+    def metric(self) -> str:
+        return str(self.m["main_metric"])
+
+    @property
+    def value(self) -> float:
+        return float(self.m[self.metric])
+
+
+def num(v) -> float | None:
+    """A finite float, or None (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def rank(value: str, order) -> tuple:
+    return (order.index(value), "") if value in order else (len(order), value)
+
+
+def stage_rank(stage: str) -> tuple:
+    keys = list(MAIN_ROWS)
+    if stage in keys:
+        return (0, keys.index(stage), "")
+    return (1 if not stage.startswith(ABLATION_PREFIX) else 2, 0, stage)
+
+
+def run_key(r: Run) -> tuple:
+    return (rank(r.scale, SCALE_ORDER), rank(r.pipeline, PIPELINE_ORDER), stage_rank(r.stage))
+
+
+def _read_json(path: Path, what: str, expect: type):
+    """Optional side file: warn and return None when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        warn(f"{path}: unreadable {what} ({e}); ignoring it")
+        return None
+    if not isinstance(data, expect):
+        warn(f"{path}: {what} is not a {expect.__name__}; ignoring it")
+        return None
+    return data
+
+
+def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
+    """Returns (run, "") or (None, reason it was skipped)."""
+    mpath = d / "metrics.json"
+    if not mpath.is_file():
+        return None, "no metrics.json"
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"metrics.json is not valid JSON ({e})"
+    if not isinstance(m, dict):
+        return None, "metrics.json is not a JSON object"
+    missing = [k for k in REQUIRED_KEYS if k not in m or m[k] in (None, "")]
+    if missing:
+        return None, f"metrics.json lacks required keys: {', '.join(missing)}"
+    if not isinstance(m["higher_is_better"], bool):
+        return None, "metrics.json: higher_is_better must be true or false"
+    if num(m.get(m["main_metric"])) is None:
+        return None, f"metrics.json has no numeric value for its main_metric '{m['main_metric']}'"
+    expected = d.relative_to(runs_dir).parts
+    found = (str(m["scale"]), str(m["pipeline"]), str(m["stage"]))
+    if expected != found:
+        warn(f"{d}: metrics.json says {'/'.join(found)}; using that, not the directory name")
+
+    config, sha = None, ""
+    cpath = d / "config.yaml"
+    if cpath.is_file():
+        raw = cpath.read_bytes()
+        sha = hashlib.sha1(raw).hexdigest()[:8]  # short provenance id for the runs table
+        try:
+            config = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            warn(f"{cpath}: unreadable config.yaml ({e})")
+    else:
+        warn(f"{d}: no config.yaml (run kept)")
+    logs = _read_json(d / "log_history.json", "log_history.json", list) or []
+    comp = _read_json(d / "compression.json", "compression.json", dict)
+    ws = d / "weight_sample.npz"
+    return Run(d, "/".join(expected), m, config, sha, [x for x in logs if isinstance(x, dict)],
+               comp, ws if ws.is_file() else None), ""
+
+
+def load_runs(runs_dir: Path) -> tuple[list[Run], list[tuple[str, str]]]:
+    """All valid runs (sorted) and the skipped ones as (relative dir, reason)."""
+    runs, skipped, seen = [], [], {}
+    if not runs_dir.is_dir():
+        return runs, skipped
+    dirs = sorted(p for p in runs_dir.glob("*/*/*")
+                  if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(runs_dir).parts))
+    for d in dirs:
+        rel = d.relative_to(runs_dir).as_posix()
+        run, reason = load_run(d, runs_dir)
+        if run is not None:
+            key = (run.scale, run.pipeline, run.stage)
+            if key in seen:
+                run, reason = None, f"duplicate of {seen[key]} (same scale/pipeline/stage)"
+            else:
+                seen[key] = rel
+        if run is None:
+            warn(f"skipped {d}: {reason}")
+            skipped.append((rel, reason))
+        else:
+            runs.append(run)
+    return sorted(runs, key=run_key), skipped
+
+
+def load_paper_reference(path: Path) -> dict:
+    """(pipeline, row, metric) -> (value or None, source)."""
+    ref = {}
+    if not path.is_file():
+        warn(f"no paper reference at {path}; paper columns stay empty")
+        return ref
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            v = r.get("value", "").strip()
+            ref[(r["pipeline"], r["row"], r["metric"])] = (float(v) if v else None, r.get("source", ""))
+    return ref
+
+
+# --------------------------------------------------------------- formatting ---
+def fmt(v, nd: int = 2, missing: str = "", csv_style: bool = False) -> str:
+    """Fixed formatting so reruns give identical bytes."""
+    if v is None:
+        return missing
+    if isinstance(v, bool):
+        return ("true" if v else "false") if csv_style else ("yes" if v else "no")
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if math.isfinite(v) else missing
+    return str(v)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, columns: list[tuple[str, int]], records: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([c for c, _ in columns])
+    for rec in records:
+        w.writerow([fmt(rec.get(c), nd, csv_style=True) for c, nd in columns])
+    path.write_text(buf.getvalue())
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def better_word(higher_is_better: bool) -> str:
+    return "higher is better" if higher_is_better else "lower is better"
+
+
+def label_runs(runs: list[Run]) -> str:
+    """'scale · hardware · run dates' caption for a table or plot."""
+    scales = sorted({r.scale for r in runs}, key=lambda s: rank(s, SCALE_ORDER))
+    hw = sorted({str(r.m.get("hardware") or "unknown") for r in runs})
+    dates = sorted(str(r.m.get("date"))[:10] for r in runs if r.m.get("date"))
+    span = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "unknown"
+    return f"scale: {', '.join(scales) or 'none'} · hardware: {'; '.join(hw) or 'unknown'} · run dates: {span}"
+
+
+# ------------------------------------------------------------- main table ---
+def all_metrics(runs: list[Run]) -> list[str]:
+    known = [m for p in PIPELINE_ORDER for m in METRICS[p]]
+    return known + sorted({r.metric for r in runs} - set(known))
+
+
+def main_records(runs: list[Run], ref: dict) -> list[dict]:
+    fp = {(r.scale, r.pipeline): r for r in runs if r.stage == "fp"}
+    recs = []
+    for r in runs:
+        if r.is_ablation:
+            continue
+        m, comp = r.m, r.compression or {}
+        base = fp.get((r.scale, r.pipeline))
+        rec = {
+            "scale": r.scale, "pipeline": r.pipeline, "model": m["model"], "row": r.row, "stage": r.stage,
+            "main_metric": r.metric, "higher_is_better": bool(m["higher_is_better"]), "main_value": r.value,
+            "delta_vs_fp": (r.value - base.value) if base is not None and base.metric == r.metric else None,
+            "paper_main_value": ref.get((r.pipeline, r.row, r.metric), (None, ""))[0],
+        }
+        for k in all_metrics(runs):
+            rec[k] = num(m.get(k))
+            rec["paper_" + k] = ref.get((r.pipeline, r.row, k), (None, ""))[0]
+        for k in ("w_bits", "a_bits", "sparsity", "quantize_attention", "zero_preserving", "kd",
+                  "dropout_schedule", "init_from", "bits_per_backbone_weight", "compression_ratio",
+                  "train_steps", "train_runtime_s", "hardware", "date", "mini_scale_note"):
+            rec[k] = m.get(k)
+        for k in EXPORT_KEYS:
+            rec["export_" + k] = comp.get(k)
+        rec["paper_source"] = " | ".join(sorted({s for (p, row, _), (_, s) in ref.items()
+                                                 if p == r.pipeline and row == r.row and s}))
+        rec["config_sha1"] = r.config_sha1
+        rec["run_dir"] = r.rel
+        recs.append(rec)
+    return recs
+
+
+def main_csv_columns(runs: list[Run]) -> list[tuple[str, int]]:
+    mets = all_metrics(runs)
+    return ([("scale", 0), ("pipeline", 0), ("model", 0), ("row", 0), ("stage", 0), ("main_metric", 0),
+             ("higher_is_better", 0), ("main_value", 4), ("delta_vs_fp", 4), ("paper_main_value", 4)]
+            + [(k, 4) for k in mets] + [("paper_" + k, 4) for k in mets]
+            + [("w_bits", 0), ("a_bits", 0), ("sparsity", 0), ("quantize_attention", 0), ("zero_preserving", 0),
+               ("kd", 0), ("dropout_schedule", 0), ("init_from", 0), ("bits_per_backbone_weight", 4),
+               ("compression_ratio", 4)]
+            + [("export_" + k, 4) for k in EXPORT_KEYS]
+            + [("train_steps", 0), ("train_runtime_s", 1), ("hardware", 0), ("date", 0),
+               ("mini_scale_note", 0), ("paper_source", 0), ("config_sha1", 0), ("run_dir", 0)])
+
+
+SCALE_SENTENCE = (
+    "The **Scale** column says which setup produced each row. `paper` rows use the paper's models and "
+    "data. `mini` rows come from scaled-down smoke runs (smaller models, data and step counts; see the "
+    "Note column): they show that the pipeline works end to end and are **not** a reproduction of the "
+    "paper's numbers, so do not compare them with the Paper columns. Paper columns marked n/a have no "
+    "number available offline (see `results/paper_reference.csv`)."
+)
+
+
+def main_table_md(recs: list[dict], runs: list[Run], ref: dict) -> str:
+    if not recs:
+        return "No runs found, so there are no main results yet.\n"
+    parts = [SCALE_SENTENCE + "\n"]
+    pipelines = sorted({r["pipeline"] for r in recs}, key=lambda p: rank(p, PIPELINE_ORDER))
+    for p in pipelines:
+        prec = [r for r in recs if r["pipeline"] == p]
+        prun = [r for r in runs if r.pipeline == p and not r.is_ablation]
+        main = prec[0]["main_metric"]
+        mets = [k for k in METRICS.get(p, []) if any(r[k] is not None for r in prec)]
+        mets = mets if main in mets else mets + [main]
+        paper_mets = [k for k in mets if any(rp == p and k == km for rp, _, km in ref)]
+        has_export = any(r["export_backbone_ratio_vs_fp32"] is not None or r["export_file_bytes"] is not None
+                         for r in prec)
+        header = (["Scale", "Row", "Stage", "Model"] + [metric_label(k) for k in mets]
+                  + [f"Δ {metric_label(main)} vs FP"] + [f"Paper {metric_label(k)}" for k in paper_mets]
+                  + ["W/A bits", "Sparsity", "Bits / backbone weight", "Backbone ratio vs FP32"]
+                  + (["Export backbone ×FP32", "Export model ×FP32", "Export model ×FP16", "File MB"]
+                     if has_export else [])
+                  + ["Steps", "Hardware", "Date", "Note"])
+        rows = []
+        for r in prec:
+            fb = r["export_file_bytes"]
+            rows.append(
+                [r["scale"], r["row"], r["stage"], r["model"]] + [fmt(r[k], missing=MISSING) for k in mets]
+                + [fmt(r["delta_vs_fp"], missing=MISSING)]
+                + [fmt(r["paper_" + k], missing="n/a") for k in paper_mets]
+                + [f"{fmt(r['w_bits'], missing='?')}/{fmt(r['a_bits'], missing='?')}",
+                   fmt(r["sparsity"], missing="dense"), fmt(num(r["bits_per_backbone_weight"]), 3, MISSING),
+                   fmt(num(r["compression_ratio"]), missing=MISSING)]
+                + ([fmt(num(r["export_backbone_ratio_vs_fp32"]), missing=MISSING),
+                    fmt(num(r["export_model_ratio_vs_fp32"]), missing=MISSING),
+                    fmt(num(r["export_model_ratio_vs_fp16"]), missing=MISSING),
+                    fmt(num(fb) / 1e6 if num(fb) is not None else None, missing=MISSING)] if has_export else [])
+                + [fmt(r["train_steps"], missing=MISSING), fmt(r["hardware"], missing=MISSING),
+                   str(r["date"] or MISSING)[:10], fmt(r["mini_scale_note"], missing="")])
+        hib = prec[0]["higher_is_better"]
+        parts.append(f"### {PIPELINE_TITLES.get(p, p)} (`{p}`)\n\n"
+                     f"Task metric: {metric_label(main)} (`{main}`, %, {better_word(hib)}). "
+                     f"Runs: {label_runs(prun)}.\n")
+        parts.append(md_table(header, rows))
+        known = sorted({s for (rp, _, _), (v, s) in ref.items() if rp == p and v is not None and s})
+        if known:
+            parts.append("Paper column sources: " + "; ".join(known) + ".\n")
+        if any(v is None for (rp, _, _), (v, _) in ref.items() if rp == p):
+            parts.append("n/a: not available offline; `results/paper_reference.csv` names the published "
+                         "number that belongs there.\n")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------- ablations ---
+ABL_SENTENCE = (
+    "Each ablation changes one factor of the full recipe (W4A4+2:4, stage `qat4`) and is compared with the "
+    "`qat4` run of the same pipeline and scale. **Δ = ablation − full recipe**, in metric points. For F1, "
+    "EM and top-1 (higher is better) a negative Δ means the ablation is worse; for WER (lower is better) a "
+    "positive Δ means the ablation is worse. The Effect column states this per row. `mini` rows are "
+    "smoke-scale runs, not the paper's ablations."
+)
+
+
+def ablation_records(runs: list[Run]) -> list[dict]:
+    full = {(r.scale, r.pipeline): r for r in runs if r.stage == FULL_RECIPE}
+    recs = []
+    for r in runs:
+        if not r.is_ablation:
+            continue
+        abl = r.m.get("ablation")
+        if not isinstance(abl, dict):
+            warn(f"{r.dir}: ablation stage without an 'ablation' dict; using the stage name")
+            abl = {}
+        ref = full.get((r.scale, r.pipeline))
+        ref_value = num(ref.m.get(r.metric)) if ref is not None else None
+        delta = r.value - ref_value if ref_value is not None else None
+        hib = bool(r.m["higher_is_better"])
+        if delta is None:
+            effect = "no qat4 run to compare"
+        elif abs(delta) < 0.005:  # equal at the 2 decimals shown
+            effect = "same"
+        else:
+            effect = "better" if (delta > 0) == hib else "worse"
+        recs.append({
+            "scale": r.scale, "pipeline": r.pipeline,
+            "factor": str(abl.get("factor") or r.stage[len(ABLATION_PREFIX):]),
+            "variant": str(abl.get("variant") or r.stage), "stage": r.stage,
+            "metric": r.metric, "higher_is_better": hib, "value": r.value,
+            "full_recipe_value": ref_value, "delta": delta, "effect": effect,
+            "model": r.m["model"], "hardware": r.m.get("hardware"), "date": r.m.get("date"), "run_dir": r.rel,
+        })
+    return sorted(recs, key=lambda a: (rank(a["scale"], SCALE_ORDER), rank(a["pipeline"], PIPELINE_ORDER),
+                                       a["factor"], a["variant"], a["stage"]))
+
+
+ABL_CSV_COLUMNS = [("scale", 0), ("pipeline", 0), ("factor", 0), ("variant", 0), ("stage", 0), ("metric", 0),
+                   ("higher_is_better", 0), ("value", 4), ("full_recipe_value", 4), ("delta", 4), ("effect", 0),
+                   ("model", 0), ("hardware", 0), ("date", 0), ("run_dir", 0)]
+
+
+def ablations_md(recs: list[dict], runs: list[Run]) -> str:
+    if not recs:
+        return "No ablation runs found (stages named `abl_*`).\n"
+    header = ["Scale", "Pipeline", "Factor", "Variant", "Metric", "Value", "Full recipe (qat4)",
+              "Δ (ablation − full)", "Effect"]
+    rows = [[a["scale"], a["pipeline"], a["factor"], a["variant"],
+             f"{metric_label(a['metric'])} ({better_word(a['higher_is_better'])})", fmt(a["value"]),
+             fmt(a["full_recipe_value"], missing=MISSING), fmt(a["delta"], missing=MISSING, nd=2), a["effect"]]
+            for a in recs]
+    used = [r for r in runs if r.is_ablation or r.stage == FULL_RECIPE]
+    return f"{ABL_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n" + md_table(header, rows)
+
+
+# ------------------------------------------------------------------- plots ---
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _placeholder(path: Path, title: str, text: str) -> None:
+    """Summary plots always exist so README links never break."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.set_title(title)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    _save(fig, path)
+
+
+def plot_metric_vs_compression(recs: list[dict], runs: list[Run], ref: dict, out: Path) -> str:
+    name = "plot_metric_vs_compression.png"
+    pipelines = sorted({r["pipeline"] for r in recs}, key=lambda p: rank(p, PIPELINE_ORDER))
+    scales = sorted({r["scale"] for r in recs}, key=lambda s: rank(s, SCALE_ORDER))
+    if not pipelines:
+        _placeholder(out / name, "Task metric vs compression", "no runs found")
+        return name
+    fig, axes = plt.subplots(1, len(pipelines), figsize=(5.5 * len(pipelines), 4.2), squeeze=False)
+    for ax, p in zip(axes[0], pipelines):
+        prec = [r for r in recs if r["pipeline"] == p]
+        main, hib = prec[0]["main_metric"], prec[0]["higher_is_better"]
+        for i, s in enumerate(scales):
+            # A run's own ratio; the export tool's ratio when metrics.json has none.
+            pts = sorted((num(r["compression_ratio"]) or num(r["export_backbone_ratio_vs_fp32"]),
+                          r["main_value"], r["row"]) for r in prec if r["scale"] == s
+                         and (num(r["compression_ratio"]) or num(r["export_backbone_ratio_vs_fp32"])))
+            if not pts:
+                continue
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="os^"[i % 3], label=f"runs, scale {s}")
+            for x, y, row in pts:
+                ax.annotate(row, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        paper = [(NOMINAL_RATIO[row], v) for (rp, row, k), (v, _) in sorted(ref.items())
+                 if rp == p and k == main and v is not None and row in NOMINAL_RATIO]
+        if paper:
+            ax.plot(*zip(*paper), linestyle="none", marker="*", markersize=12, color="black",
+                    label="paper reference (nominal ratio)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16], labels=["1×", "2×", "4×", "8×", "16×"])
+        ax.set_xlabel("backbone compression ratio vs FP32")
+        ax.set_ylabel(f"{metric_label(main)} (%, {better_word(hib)})")
+        ax.set_title(f"{PIPELINE_TITLES.get(p, p)}\n{label_runs([r for r in runs if r.pipeline == p])}",
+                     fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Task metric vs compression (scale: {', '.join(scales)})")
+    _save(fig, out / name)
+    return name
+
+
+def plot_ablations(recs: list[dict], out: Path) -> str:
+    name = "plot_ablations.png"
+    recs = [a for a in recs if a["delta"] is not None]
+    groups = sorted({(a["scale"], a["pipeline"]) for a in recs},
+                    key=lambda g: (rank(g[0], SCALE_ORDER), rank(g[1], PIPELINE_ORDER)))
+    if not groups:
+        _placeholder(out / name, "Ablations vs full recipe", "no ablation runs with a qat4 run to compare")
+        return name
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 1.8 + 0.5 * max(sum(a["scale"] == s and a["pipeline"] == p for a in recs) for s, p in groups)), squeeze=False)
+    for ax, (s, p) in zip(axes[0], groups):
+        g = [a for a in recs if a["scale"] == s and a["pipeline"] == p]
+        colors = ["tab:green" if a["effect"] == "better" else "tab:red" if a["effect"] == "worse" else "tab:gray"
+                  for a in g]
+        bars = ax.barh(range(len(g)), [a["delta"] for a in g], height=0.6, color=colors)
+        ax.bar_label(bars, fmt="%+.2f", fontsize=8, padding=2)
+        ax.margins(x=0.15)  # room for the labels
+        ax.set_yticks(range(len(g)), labels=[f"{a['factor']}: {a['variant']}" for a in g], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"Δ {metric_label(g[0]['metric'])} (ablation − full recipe; "
+                      f"{better_word(g[0]['higher_is_better'])})")
+        ax.set_title(f"{PIPELINE_TITLES.get(p, p)}, scale {s}", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("Ablations vs full recipe W4A4+2:4 (green = better, red = worse)")
+    _save(fig, out / name)
+    return name
+
+
+def _groups(runs: list[Run]) -> list[tuple[str, str, list[Run]]]:
+    keys = sorted({(r.scale, r.pipeline) for r in runs}, key=lambda k: (rank(k[0], SCALE_ORDER), rank(k[1], PIPELINE_ORDER)))
+    return [(s, p, [r for r in runs if r.scale == s and r.pipeline == p]) for s, p in keys]
+
+
+def plot_training_curves(runs: list[Run], out: Path) -> list[tuple[str, str, list[Run]]]:
+    """One figure per scale/pipeline: loss and eval metric vs step, a line per stage."""
+    written = []
+    for s, p, group in _groups(runs):
+        curves = []
+        for r in group:
+            loss = [(e["step"], e["loss"]) for e in r.log_history if num(e.get("step")) is not None
+                    and num(e.get("loss")) is not None]
+            ev = [(e["step"], e[f"eval_{r.metric}"]) for e in r.log_history if num(e.get("step")) is not None
+                  and num(e.get(f"eval_{r.metric}")) is not None]
+            if loss or ev:
+                curves.append((r, sorted(loss), sorted(ev)))
+        if not curves:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for r, loss, ev in curves:
+            style = "--" if r.is_ablation else "-"  # ablations dashed, main rows solid
+            label = f"{r.row} ({r.stage})" if r.row != r.stage else r.stage
+            if loss:
+                a1.plot(*zip(*loss), style, label=label)
+            if ev:
+                a2.plot(*zip(*ev), style, marker=".", label=label)
+        metric = curves[0][0].metric
+        a1.set(xlabel="step", ylabel="training loss", title="training loss")
+        a2.set(xlabel="step", ylabel=f"eval {metric_label(metric)} (%, "
+               f"{better_word(bool(curves[0][0].m['higher_is_better']))})", title=f"eval {metric}")
+        for ax in (a1, a2):
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+        used = [r for r, _, _ in curves]
+        fig.suptitle(f"Training curves — {PIPELINE_TITLES.get(p, p)}, scale {s}\n{label_runs(used)}", fontsize=10)
+        name = f"plot_training_curves_{s}_{p}.png"
+        _save(fig, out / name)
+        written.append((name, f"Training curves, {p}", used))
+    return written
+
+
+def _load_sample(r: Run):
+    try:
+        with np.load(r.weight_sample, allow_pickle=False) as z:
+            before, after = np.asarray(z["before"], float), np.asarray(z["after"], float)
+            layer = str(z["layer"].reshape(-1)[0]) if "layer" in z.files and z["layer"].size else "?"
+        return before, after, layer
+    except Exception as e:  # a bad sample must not stop the tables
+        warn(f"{r.weight_sample}: unreadable weight sample ({e}); no histogram for it")
+        return None
+
+
+def plot_weight_histograms(runs: list[Run], out: Path) -> list[tuple[str, str, list[Run]]]:
+    """Before vs after weights of one backbone layer, one panel per stage that saved a sample."""
+    written = []
+    for s, p, group in _groups(runs):
+        samples = [(r, x) for r in group if r.weight_sample is not None for x in [_load_sample(r)] if x is not None]
+        if not samples:
+            continue
+        fig, axes = plt.subplots(1, len(samples), figsize=(5.5 * len(samples), 4), squeeze=False)
+        for ax, (r, (before, after, layer)) in zip(axes[0], samples):
+            lim = float(max(np.abs(before).max(initial=0), np.abs(after).max(initial=0))) or 1.0
+            # Odd bin count centred on 0, so exact zeros (pruned weights) form their own spike.
+            bins = np.linspace(-lim, lim, 2 * 100 + 2)
+            zeros = float(np.mean(after == 0)) * 100 if after.size else 0.0
+            levels = len(np.unique(after))
+            per_row = (int(np.median([len(np.unique(row)) for row in after.reshape(after.shape[0], -1)]))
+                       if after.ndim >= 2 and after.shape[0] else levels)
+            ax.hist(before.ravel(), bins=bins, histtype="step", label="before (FP)", color="tab:blue")
+            ax.hist(after.ravel(), bins=bins, histtype="step",
+                    label=f"after: {zeros:.1f}% exact zeros,\n{levels} distinct values "
+                          f"({per_row} per output row, median)", color="tab:red")
+            ax.set_yscale("log")  # so the few quantization levels and the zero spike are visible together
+            ax.set(xlabel="weight value", ylabel="count (log scale)")
+            ax.set_title(f"{r.row} ({r.stage}); layer {layer}", fontsize=9)
+            ax.legend(fontsize=8)
+        used = [r for r, _ in samples]
+        fig.suptitle(f"Weight histogram — {PIPELINE_TITLES.get(p, p)}, scale {s}\n{label_runs(used)}", fontsize=10)
+        name = f"plot_weight_histogram_{s}_{p}.png"
+        _save(fig, out / name)
+        written.append((name, f"Weight histogram, {p}", used))
+    return written
+
+
+# ------------------------------------------------------------------- README ---
+def runs_md(runs: list[Run]) -> str:
+    if not runs:
+        return "No runs found.\n"
+    header = ["Scale", "Pipeline", "Stage", "Row", "Model", "KD", "Dropout schedule", "Init from", "Steps",
+              "Runtime (s)", "Hardware", "Date", "Config sha1"]
+    rows = [[r.scale, r.pipeline, r.stage, r.row, str(r.m["model"]), fmt(r.m.get("kd"), missing=MISSING),
+             fmt(r.m.get("dropout_schedule"), missing=MISSING), fmt(r.m.get("init_from"), missing=MISSING),
+             fmt(r.m.get("train_steps"), missing=MISSING), fmt(num(r.m.get("train_runtime_s")), 0, MISSING),
+             fmt(r.m.get("hardware"), missing=MISSING), str(r.m.get("date") or MISSING),
+             r.config_sha1 or "missing"] for r in runs]
+    return md_table(header, rows)
+
+
+def paper_reference_md(path: Path) -> str:
+    if not path.is_file():
+        return "No paper reference file.\n"
+    with path.open(newline="") as f:
+        rows = [[r["pipeline"], r["row"], metric_label(r["metric"]), r["value"] or "n/a", r["source"]]
+                for r in csv.DictReader(f)]
+    return md_table(["Pipeline", "Row", "Metric", "Value", "Source"], rows)
+
+
+def plots_md(summary: list[tuple[str, str, list[Run]]], per_run: list[tuple[str, str, list[Run]]]) -> str:
+    parts = []
+    for name, title, used in summary + per_run:
+        parts.append(f"**{title}** ({label_runs(used) if used else 'no runs'})\n\n![{title}]({name})\n")
+    return "\n".join(parts)
+
+
+def write_readme(out: Path, template: Path, fields: dict) -> None:
+    text = template.read_text() if template.is_file() else "\n\n".join("{{%s}}" % k for k in fields)
+    for k, v in fields.items():
+        text = text.replace("{{%s}}" % k, v.rstrip("\n"))
+    (out / "README.md").write_text(text)
+
+
+# --------------------------------------------------------------------- main ---
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs_dir", nargs="?", default=os.environ.get("RUNS_DIR", "runs"),
+                    help="runs root: <scale>/<pipeline>/<stage>/metrics.json (default: $RUNS_DIR or ./runs)")
+    ap.add_argument("--out", default="results", help="output folder (default: results)")
+    ap.add_argument("--paper-ref", default=str(HERE / "paper_reference.csv"))
+    ap.add_argument("--template", default=str(HERE / "README.template.md"))
+    args = ap.parse_args(argv)
+    runs_dir, out = Path(args.runs_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs, skipped = load_runs(runs_dir)
+    if not runs:
+        warn(f"WARNING: no valid runs under {runs_dir}; writing tables that say so")
+    ref = load_paper_reference(Path(args.paper_ref))
+
+    mrecs = main_records(runs, ref)
+    arecs = ablation_records(runs)
+    main_md = main_table_md(mrecs, runs, ref)
+    abl_md = ablations_md(arecs, runs)
+    (out / "main_table.md").write_text("# Main results\n\n" + main_md)
+    write_csv(out / "main_table.csv", main_csv_columns(runs), mrecs)
+    (out / "ablations.md").write_text("# Ablations\n\n" + abl_md)
+    write_csv(out / "ablations.csv", ABL_CSV_COLUMNS, arecs)
+
+    # Per-run plots are regenerated from scratch so none outlives its runs.
+    for stale in [*out.glob("plot_training_curves_*.png"), *out.glob("plot_weight_histogram_*.png")]:
+        stale.unlink()
+    main_runs = [r for r in runs if not r.is_ablation]
+    summary = [(plot_metric_vs_compression(mrecs, runs, ref, out), "Task metric vs compression", main_runs),
+               (plot_ablations(arecs, out), "Ablation deltas vs full recipe",
+                [r for r in runs if r.is_ablation or (r.stage == FULL_RECIPE and arecs)])]
+    per_run = plot_training_curves(runs, out) + plot_weight_histograms(runs, out)
+
+    scales = sorted({r.scale for r in runs}, key=lambda s: rank(s, SCALE_ORDER))
+    write_readme(out, Path(args.template), {
+        "scales": ", ".join(f"`{s}`" for s in scales) or "none (no runs yet)",
+        "runs_label": label_runs(runs) if runs else "no runs",
+        "runs_table": runs_md(runs),
+        "main_table": main_md,
+        "ablations_table": abl_md,
+        "plots": plots_md(summary, per_run),
+        "skipped": md_table(["Run dir", "Reason"], [[d, why] for d, why in skipped]) if skipped else "None.\n",
+        "paper_reference": paper_reference_md(Path(args.paper_ref)),
+    })
+    print(f"[make_results] {len(runs)} runs, {len(skipped)} skipped -> {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+from common.dropout import ScheduledDropout
+from tiny_models import tiny_wav2vec2_ctc
+
+
+def test_kd_loss_equals_hand_computation():
+    teacher = nn.Linear(3, 4)
+    s = torch.tensor([[1.0, 2.0, 0.5, -1.0]], requires_grad=True)
+    t = torch.tensor([[0.5, 2.5, 0.0, -0.5]])
+    T, lam = 2.0, 0.25
+    loss_fn = common.DistillationLoss(teacher, lam=lam, temperature=T)
+    task = torch.tensor(1.5)
+    got = loss_fn(task, s, t)
+    ps = [math.exp(v / T) for v in s[0].tolist()]
+    pt = [math.exp(v / T) for v in t[0].tolist()]
+    ps = [p / sum(ps) for p in ps]
+    pt = [p / sum(pt) for p in pt]
+    kl = sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    assert got.item() == pytest.approx((1 - lam) * 1.5 + lam * T * T * kl, rel=1e-6)
+
+
+def test_kd_masks_sequence_positions_and_averages_qa_logits():
+    loss_fn = common.DistillationLoss(nn.Linear(1, 1), lam=1.0, temperature=1.0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    t2 = t.clone()
+    t2[0, 3:] = 100.0  # masked frames must not matter
+    assert torch.equal(loss_fn(torch.tensor(0.0), s, t, mask), loss_fn(torch.tensor(0.0), s, t2, mask))
+
+    class QA:
+        def __init__(self, a, b):
+            self.start_logits, self.end_logits = a, b
+    a, b = torch.randn(3, 9), torch.randn(3, 9)
+    both = loss_fn(torch.tensor(0.0), QA(a, b), QA(b, a))
+    torch.testing.assert_close(both, (common.kd_kl(a, b, 1.0) + common.kd_kl(b, a, 1.0)) / 2)
+
+
+def test_teacher_frozen_eval_no_grad():
+    teacher, student = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), nn.Linear(4, 3)
+    kd = common.DistillationLoss(teacher).train()
+    assert not teacher.training
+    x = torch.randn(8, 4)
+    out = student(x)
+    loss = kd(F.cross_entropy(out, torch.zeros(8, dtype=torch.long)), out, kd.teacher_outputs(x))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert student.weight.grad is not None
+    assert torch.equal(kd.teacher_outputs(x), kd.teacher_outputs(x))  # eval mode: dropout off
+
+
+@pytest.mark.parametrize("schedule,mid,end", [("constant", 0.2, 0.2), ("linear", 0.1, 0.0),
+                                              ("cosine", 0.1, 0.0), ("step", 0.0, 0.0)])
+def test_scheduled_dropout(schedule, mid, end):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.2), nn.Dropout(0.1))
+    sd = ScheduledDropout(model, total_steps=100, schedule=schedule, step_at=0.5)
+    sd.step(0)
+    assert sd.current() == [0.2, 0.1]
+    sd.step(50)
+    assert sd.current()[0] == pytest.approx(mid)
+    sd.step(100)
+    assert sd.current()[0] == pytest.approx(end)
+
+
+def test_scheduled_dropout_reaches_functional_attention_dropout():
+    model = tiny_wav2vec2_ctc()
+    attn = model.wav2vec2.encoder.layers[0].attention
+    attn.dropout = 0.1
+    ScheduledDropout(model, 10, "linear").step(10)
+    assert attn.dropout == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))

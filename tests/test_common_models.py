@@ -1,0 +1,119 @@
+"""prepare/convert on tiny BERT QA, Wav2Vec2 CTC and timm ViT built from configs (no downloads)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import common
+from common.attention import is_hf_attention
+from tiny_models import bert_batch, tiny_bert_qa, tiny_vit, tiny_wav2vec2_ctc, wav_batch
+
+
+def _run(model, batch):
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    return common.logits_of(out)
+
+
+CASES = {
+    "bert": (tiny_bert_qa, bert_batch, {"embeddings", "qa_outputs"}),
+    "wav2vec2": (tiny_wav2vec2_ctc, wav_batch, {"feature_projection", "lm_head"}),
+    "vit": (tiny_vit, lambda: torch.randn(2, 3, 32, 32), {"head"}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prepare_swaps_every_backbone_linear(name):
+    build, batch_fn, skipped_parts = CASES[name]
+    model = build()
+    before = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    recipe = common.Recipe()
+    common.prepare(model, recipe)
+    swapped = set(common.compressed_linears(model))
+    expected = {n for n in before if not recipe.skips(n)}
+    assert swapped == expected and len(swapped) >= 8  # q, k, v, o, ffn in / out per layer
+    untouched = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert untouched == before - expected
+    assert all(any(p in n for p in skipped_parts) for n in untouched)
+    n_attn = sum(1 for m in model.modules() if isinstance(m, common.AttentionQuantizers))
+    assert n_attn == 2
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_convert_equals_prepared_exactly(name):
+    build, batch_fn, _ = CASES[name]
+    model = common.prepare(build(), common.Recipe())
+    batch = batch_fn()
+    common.calibrate(model, [batch])
+    model.eval()
+    with torch.no_grad():
+        a = _run(model, batch)
+        common.convert(model)
+        b = _run(model, batch)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    lin = next(iter(common.compressed_linears(model).values()))
+    assert isinstance(lin, common.FrozenCompressedLinear) and lin.weight_codes.dtype == torch.int8
+    assert lin.weight_codes.abs().max() <= 7 and lin.weight_codes[~lin.mask].eq(0).all()
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith((".lo", ".hi")))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention_quantization_changes_output_and_gets_gradients(name):
+    build, batch_fn, _ = CASES[name]
+    base = build().eval()
+    batch = batch_fn()
+    off = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=False))
+    on = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=True))
+    for m in (off, on):
+        common.calibrate(m, [batch])
+    with torch.no_grad():
+        assert not torch.equal(_run(off.eval(), batch)[0], _run(on.eval(), batch)[0])
+    on.train()
+    _run(on, batch)[0].float().pow(2).mean().backward()
+    aq = next(m for m in on.modules() if isinstance(m, common.AttentionQuantizers))
+    assert aq.q.hi.grad is not None and aq.v.hi.grad is not None
+
+
+def test_hf_attention_unquantized_path_equals_eager():
+    base = tiny_bert_qa().eval()
+    batch = bert_batch()
+    ref = _run(base, batch)[0]
+    m = common.prepare(copy.deepcopy(base), common.Recipe.none() if False else common.Recipe(
+        w_bits=32, a_bits=32, sparsity=None, quantize_attention=False))
+    torch.testing.assert_close(_run(m, batch)[0], ref)
+    # the registered function with no quantizers attached must equal the eager path
+    from common.attention import register_hf_attention
+    register_hf_attention()
+    m2 = copy.deepcopy(base)
+    m2.set_attn_implementation("compressed")
+    torch.testing.assert_close(_run(m2, batch)[0], ref, atol=1e-5, rtol=1e-5)
+    assert any(is_hf_attention(x) for x in base.modules())
+
+
+def test_timm_explicit_path_equals_fused_when_unquantized():
+    from common.attention import timm_compressed_attention_cls
+    base = tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = base(x)
+    m = copy.deepcopy(base)
+    for blk in m.blocks:
+        blk.attn = timm_compressed_attention_cls().from_timm(blk.attn, None)
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    assert set(m.state_dict()) == set(base.state_dict())
+
+
+def test_prepare_twice_and_no_attention_errors():
+    m = common.prepare(tiny_bert_qa(), common.Recipe())
+    with pytest.raises(ValueError, match="already prepared"):
+        common.prepare(m, common.Recipe())
+    with pytest.raises(ValueError, match="no supported attention"):
+        common.prepare(nn.Sequential(nn.Linear(8, 8)), common.Recipe(skip=[]))
+
+
+def test_summary_reports_16x():
+    m = common.prepare(tiny_bert_qa(), common.Recipe())
+    s = common.compression_summary(m)
+    assert s["bits_per_backbone_weight"] == 2.0 and s["compression_ratio"] == 16.0
+    s8 = common.compression_summary(common.prepare(tiny_bert_qa(), common.Recipe(sparsity=None)))
+    assert s8["compression_ratio"] == 8.0

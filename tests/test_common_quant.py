@@ -1,0 +1,129 @@
+"""Quantizer math: bit-exact against PyTorch's reference fake-quant ops, level counts, zero handling, STE grads."""
+import pytest
+import torch
+
+from common.fake_quant import (act_qparams, dequantize_weight, quantize_act, quantize_weight, weight_codes,
+                               weight_step)
+from common.linear import WeightQuantSpec
+from common.pact import ActFakeQuant, ActQuantizer
+from common.sawb import sawb_clip
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_preserving_weight_equals_reference(bits, per_channel):
+    w = torch.randn(16, 32)
+    clip = w.abs().amax(1, keepdim=True) * 0.7 if per_channel else w.abs().max() * 0.7
+    step = weight_step(clip, bits, True)
+    q = quantize_weight(w, step, bits, True)
+    n = 2 ** (bits - 1) - 1
+    if per_channel:
+        ref = torch.fake_quantize_per_channel_affine(w, step.reshape(-1), torch.zeros(16, dtype=torch.int32), 0, -n, n)
+    else:
+        ref = torch.fake_quantize_per_tensor_affine(w, float(step), 0, -n, n)
+    assert torch.equal(q, ref)
+    for row in (q if per_channel else q.reshape(1, -1)):
+        assert row.unique().numel() <= 2 ** bits - 1
+    assert quantize_weight(torch.zeros(3), weight_step(torch.tensor(1.0), bits, True), bits, True).eq(0).all()
+
+
+def test_plain_grid_has_16_levels_and_no_zero():
+    w = torch.linspace(-2, 2, 1001)
+    c = torch.tensor(1.5)
+    s = weight_step(c, 4, False)
+    q = quantize_weight(w, s, 4, False)
+    levels = q.unique()
+    assert levels.numel() == 16
+    torch.testing.assert_close(levels, (torch.arange(-8, 8) + 0.5) * s)  # (k + 1/2)·2c/15 spans [-c, c]
+    assert levels.abs().max().item() == pytest.approx(1.5)
+    zero_out = quantize_weight(torch.zeros(1), s, 4, False)
+    assert zero_out.item() != 0 and abs(zero_out.item()) == pytest.approx(1.5 / 15)  # pruned weight -> ±c/15
+
+
+def test_weight_codes_roundtrip_bit_exact():
+    for zp in (True, False):
+        w = torch.randn(64, 64)
+        s = weight_step(sawb_clip(w, 4, zp), 4, zp)
+        q = quantize_weight(w, s, 4, zp)
+        codes = weight_codes(q, s, zp)
+        assert codes.dtype == torch.int8
+        assert torch.equal(dequantize_weight(codes, s, zp), q)
+
+
+def test_sawb_formula_and_fallback():
+    w = torch.randn(1000)
+    c = sawb_clip(w, 4, True)
+    expect = 12.035 * w.pow(2).mean().sqrt() - 12.03 * w.abs().mean()
+    torch.testing.assert_close(c, expect)
+    c_plain = sawb_clip(w, 4, False)
+    torch.testing.assert_close(c_plain, 12.68 * w.pow(2).mean().sqrt() - 12.80 * w.abs().mean())
+    # all |w| equal: 12.68 - 12.80 < 0 on the plain grid, so the clip falls back to max|w|
+    const = torch.full((100,), 0.5)
+    assert sawb_clip(const, 4, False).item() == 0.5
+    assert sawb_clip(const, 4, True).item() == pytest.approx(0.5 * (12.035 - 12.03), rel=1e-3)  # float32 cancellation
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 3.0), (-1.0, 2.0), (-0.37, 5.1)])
+def test_zero_preserving_act_equals_reference_and_keeps_zero(lo, hi):
+    x = torch.randn(1000) * 3
+    scale, zp, _, _ = act_qparams(torch.tensor(lo), torch.tensor(hi), 4, True)
+    assert float(zp) == round(float(zp))
+    q = quantize_act(x, scale, zp, 4, True)
+    ref = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), 0, 15)
+    assert torch.equal(q, ref)
+    assert q.unique().numel() <= 16
+    assert quantize_act(torch.zeros(5), scale, zp, 4, True).eq(0).all()
+
+
+def test_plain_act_grid_moves_zero():
+    scale, zp, _, _ = act_qparams(torch.tensor(-0.37), torch.tensor(5.1), 4, False)
+    assert float(zp) != round(float(zp))
+    assert quantize_act(torch.zeros(1), scale, zp, 4, False).item() != 0
+
+
+def test_pact_gradients_by_hand():
+    # one-sided PACT on [0, 2]: x inside gets g, x > 2 passes its g to alpha, x < 0 gets nothing
+    x = torch.tensor([-1.0, 0.5, 1.0, 3.0, 4.0], requires_grad=True)
+    lo = torch.tensor(0.0, requires_grad=True)
+    hi = torch.tensor(2.0, requires_grad=True)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    y = ActFakeQuant.apply(x, lo, hi, 4, True, False, False)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 0.0, 0.0]))
+    assert hi.grad.item() == 9.0
+    assert lo.grad is None
+    # two-sided: below lo passes to lo
+    x2 = torch.tensor([-3.0, -0.5, 0.5, 3.0], requires_grad=True)
+    lo2 = torch.tensor(-1.0, requires_grad=True)
+    hi2 = torch.tensor(2.0, requires_grad=True)
+    ActFakeQuant.apply(x2, lo2, hi2, 4, True, True, False).backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(x2.grad, torch.tensor([0.0, 2.0, 3.0, 0.0]))
+    assert lo2.grad.item() == 1.0 and hi2.grad.item() == 4.0
+
+
+def test_weight_ste_is_identity_inside_linear():
+    from common.linear import CompressedLinear
+    lin = torch.nn.Linear(8, 4)
+    cl = CompressedLinear.from_linear(lin, WeightQuantSpec(4), None, None)
+    x = torch.randn(3, 8)
+    cl(x).sum().backward()
+    # d/dW sum(x Wq^T) with identity STE = column sums of x, for every output row
+    torch.testing.assert_close(cl.weight.grad, x.sum(0).expand(4, 8))
+
+
+def test_calibration_sets_percentile_clips():
+    q = ActQuantizer(4)
+    q.observing = 99.0
+    x = torch.arange(-100, 1001, dtype=torch.float32)
+    q(x)
+    q.observing = False
+    assert q.finish_calibration()
+    assert bool(q.signed)
+    torch.testing.assert_close(q.hi.detach(), torch.quantile(x, 0.99))
+    torch.testing.assert_close(q.lo.detach(), torch.quantile(x, 0.01))
+    pos = ActQuantizer(4)
+    pos.observing = 100.0
+    pos(torch.rand(100))
+    pos.observing = False
+    pos.finish_calibration()
+    assert not bool(pos.signed) and pos.lo.item() == 0.0

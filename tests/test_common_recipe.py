@@ -1,0 +1,37 @@
+import pytest
+
+from common import Recipe, RecipeError
+
+
+def test_defaults_are_the_paper_recipe():
+    r = Recipe()
+    assert (r.w_bits, r.a_bits, r.sparsity, r.nm, r.zero_preserving) == (4, 4, "2:4", (2, 4), True)
+    assert r.skips("bert.embeddings.word_embeddings") and r.skips("qa_outputs")
+    assert r.skips("wav2vec2.feature_projection.projection") and r.skips("head")
+    assert not r.skips("bert.encoder.layer.0.attention.self.query") and not r.skips("blocks.0.mlp.fc1")
+
+
+@pytest.mark.parametrize("text,key", [
+    ("w_bits: 4\nsparsty: '2:4'\n", "sparsty"),
+    ("sparsity: '3:2'\n", "sparsity"),
+    ("sparsity: 'half'\n", "sparsity"),
+    ("w_bits: 16\n", "w_bits"),
+    ("a_bits: 1\n", "a_bits"),
+    ("w_quantizer: lsq\n", "w_quantizer"),
+    ("zero_preserving: maybe\n", "zero_preserving"),
+])
+def test_bad_yaml_fails_at_load_naming_the_key(tmp_path, text, key):
+    f = tmp_path / "recipe.yaml"
+    f.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_yaml(f)
+    assert key in str(e.value) and str(f) in str(e.value)
+
+
+def test_yaml_roundtrip(tmp_path):
+    import yaml
+    r = Recipe(w_bits=8, sparsity="1:4", per_channel=True)
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(r.to_dict()))
+    assert Recipe.from_yaml(f) == r
+    assert Recipe.from_yaml(f).nm == (1, 4)

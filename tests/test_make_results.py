@@ -1,0 +1,156 @@
+"""Tests for results/make_results.py on a fixture of FAKE runs.
+
+Every number below is a fixture value chosen to make deltas easy to check;
+none is a result of any training run.
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "results" / "make_results.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import make_results  # noqa: E402
+
+FAKE_MODEL = "FIXTURE-fake-model (not a result)"
+
+
+def _metrics(pipeline, stage, **kw):
+    base = {"pipeline": pipeline, "stage": stage, "scale": "mini", "model": FAKE_MODEL,
+            "w_bits": 32, "a_bits": 32, "sparsity": None, "quantize_attention": False,
+            "zero_preserving": False, "kd": False, "dropout_schedule": "none", "init_from": "fixture",
+            "bits_per_backbone_weight": 32.0, "compression_ratio": 1.0, "train_steps": 10,
+            "train_runtime_s": 1.0, "hardware": "fixture-cpu", "date": "2000-01-02T03:04:05",
+            "mini_scale_note": "fixture"}
+    if pipeline == "bert_squad":
+        base.update(main_metric="f1", higher_is_better=True)
+    else:
+        base.update(main_metric="wer_test_clean", higher_is_better=False)
+    base.update(kw)
+    return base
+
+
+def _write_run(runs, pipeline, stage, metrics, logs=True, sample=False):
+    d = runs / "mini" / pipeline / stage
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "config.yaml").write_text(f"fixture: true\nstage: {stage}\n")
+    if logs:
+        m = metrics["main_metric"]
+        hist = [{"step": s, "loss": 2.0 / s} for s in (1, 2, 3, 4)]
+        hist += [{"step": s, f"eval_{m}": metrics[m] - 4 + s} for s in (2, 4)]
+        (d / "log_history.json").write_text(json.dumps(hist))
+    if sample:
+        rng = np.random.default_rng(0)
+        before = rng.normal(0, 0.05, (32, 64))
+        # fake "effective compressed" weight: 2:4 mask + 15 symmetric levels
+        keep = np.argsort(-np.abs(before.reshape(-1, 4)), axis=1)[:, :2]
+        mask = np.zeros_like(before.reshape(-1, 4), bool)
+        np.put_along_axis(mask, keep, True, axis=1)
+        scale = np.abs(before).max() / 7
+        after = np.clip(np.round(before / scale), -7, 7) * scale * mask.reshape(before.shape)
+        np.savez(d / "weight_sample.npz", before=before, after=after, layer=np.array(["fixture.layer0"]))
+        (d / "compression.json").write_text(json.dumps(
+            {"backbone_ratio_vs_fp32": 14.2, "model_ratio_vs_fp32": 9.1, "model_ratio_vs_fp16": 4.55,
+             "bits_per_backbone_weight": 2.25, "file_bytes": 1234567}))
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    r = tmp_path / "runs"
+    _write_run(r, "bert_squad", "fp", _metrics("bert_squad", "fp", exact_match=50.0, f1=60.0))
+    _write_run(r, "bert_squad", "qat4", _metrics(
+        "bert_squad", "qat4", exact_match=45.0, f1=55.0, w_bits=4, a_bits=4, sparsity="2:4",
+        bits_per_backbone_weight=2.25, compression_ratio=14.2, kd=True), sample=True)
+    _write_run(r, "bert_squad", "abl_no_kd", _metrics(
+        "bert_squad", "abl_no_kd", exact_match=40.0, f1=52.5, w_bits=4, a_bits=4, sparsity="2:4",
+        ablation={"factor": "distillation", "variant": "no KD"}), logs=False)
+    _write_run(r, "wav2vec_librispeech", "qat4", _metrics(
+        "wav2vec_librispeech", "qat4", wer_test_clean=20.0, wer_test_other=30.0, compression_ratio=14.2))
+    _write_run(r, "wav2vec_librispeech", "abl_no_kd", _metrics(
+        "wav2vec_librispeech", "abl_no_kd", wer_test_clean=23.0, wer_test_other=33.0,
+        ablation={"factor": "distillation", "variant": "no KD"}), logs=False)
+    broken = r / "mini" / "vit_imagenet" / "qat4_broken"
+    broken.mkdir(parents=True)
+    (broken / "metrics.json").write_text('{"pipeline": "vit_imagenet", "stage": ')
+    incomplete = r / "mini" / "vit_imagenet" / "fp_incomplete"
+    incomplete.mkdir(parents=True)
+    (incomplete / "metrics.json").write_text(json.dumps({"pipeline": "vit_imagenet", "stage": "fp"}))
+    return r
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) > 1024, path
+
+
+def test_tables_plots_and_broken_runs(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "qat4_broken" in err and "not valid JSON" in err
+    assert "fp_incomplete" in err and "lacks required keys" in err
+
+    main = {(r["pipeline"], r["row"]): r for r in _rows(out / "main_table.csv")}
+    assert set(main) == {("bert_squad", "FP"), ("bert_squad", "W4A4+2:4"), ("wav2vec_librispeech", "W4A4+2:4")}
+    assert all(r["scale"] == "mini" for r in main.values())
+    q = main[("bert_squad", "W4A4+2:4")]
+    assert q["f1"] == "55.0000" and q["delta_vs_fp"] == "-5.0000"
+    assert q["export_backbone_ratio_vs_fp32"] == "14.2000" and q["export_file_bytes"] == "1234567"
+    assert main[("bert_squad", "FP")]["paper_f1"] == "88.5000"  # Devlin et al. 2019, from paper_reference.csv
+    assert main[("wav2vec_librispeech", "W4A4+2:4")]["paper_wer_test_clean"] == ""  # unknown: stays empty
+
+    abl = {r["pipeline"]: r for r in _rows(out / "ablations.csv")}
+    assert abl["bert_squad"]["factor"] == "distillation" and abl["bert_squad"]["variant"] == "no KD"
+    assert abl["bert_squad"]["delta"] == "-2.5000" and abl["bert_squad"]["effect"] == "worse"
+    # WER: lower is better, so +3 points is worse
+    assert abl["wav2vec_librispeech"]["delta"] == "3.0000" and abl["wav2vec_librispeech"]["effect"] == "worse"
+
+    md = (out / "main_table.md").read_text()
+    assert "not** a reproduction" in md and "| mini | W4A4+2:4 |" in md
+    assert "Δ = ablation − full recipe" in (out / "ablations.md").read_text()
+
+    for name in ("plot_metric_vs_compression.png", "plot_ablations.png",
+                 "plot_training_curves_mini_bert_squad.png", "plot_training_curves_mini_wav2vec_librispeech.png",
+                 "plot_weight_histogram_mini_bert_squad.png"):
+        _check_png(out / name)
+    assert not (out / "plot_weight_histogram_mini_wav2vec_librispeech.png").exists()  # no sample saved
+
+    readme = (out / "README.md").read_text()
+    assert "{{" not in readme and "python results/make_results.py runs" in readme
+    assert "fixture-cpu" in readme and "2000-01-02" in readme and "qat4_broken" in readme
+
+
+def test_rerun_is_byte_identical_and_cli_works(runs, tmp_path):
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(runs), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "qat4_broken" in proc.stderr
+    second = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv")}
+    assert set(first) == {"main_table.md", "main_table.csv", "ablations.md", "ablations.csv", "README.md"}
+    assert first == second
+
+
+def test_no_runs_writes_tables_and_exits_zero(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert make_results.main([str(tmp_path / "does_not_exist"), "--out", str(out)]) == 0
+    assert "no valid runs" in capsys.readouterr().err
+    assert "No runs found" in (out / "main_table.md").read_text()
+    assert "No ablation runs" in (out / "ablations.md").read_text()
+    assert len(_rows(out / "main_table.csv")) == 0
+    _check_png(out / "plot_metric_vs_compression.png")
