@@ -1,0 +1,122 @@
+"""Run directories shared by the three pipelines: output-dir safety, init checkpoints (with their masks),
+metrics.json, and the weight sample the results page plots."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+
+
+class RunError(ValueError):
+    pass
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+        raise RunError(f"{path}: output directory exists and is not empty; pass overwrite_output_dir=true to "
+                       f"replace it, or resume=true to continue its last checkpoint")
+    if overwrite and path.exists() and not resume:
+        import shutil
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_model_file(run_dir: str | Path, what: str = "checkpoint") -> Path:
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    for name in MODEL_FILES:
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise RunError(f"{run_dir}: no {what} found (looked for {', '.join(MODEL_FILES)}); run the stage that "
+                   f"produces it first, or point the config at an existing run dir")
+
+
+def load_state(run_dir: str | Path, what: str = "init checkpoint") -> dict[str, torch.Tensor]:
+    f = find_model_file(run_dir, what)
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(f))
+    state = torch.load(f, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def split_state(state: dict[str, torch.Tensor]):
+    """(plain model weights, {linear name: mask}); quantizer state of an earlier stage is dropped, since each
+    stage calibrates its own clips (choice: the init checkpoint decides weights and masks only)."""
+    from .prepare import masks_of
+    masks = masks_of(state)
+    quant_suffixes = (".mask", ".lo", ".hi", ".signed", ".weight_codes", ".weight_step")
+    plain = {k: v for k, v in state.items() if not k.endswith(quant_suffixes)}
+    return plain, masks
+
+
+def load_into(model: torch.nn.Module, state: dict, source: str, strict_backbone: bool = True) -> None:
+    """load_state_dict with an error that names the checkpoint when it does not fit the model."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith((".lo", ".hi", ".signed", ".mask"))]
+    if strict_backbone and (missing or unexpected):
+        raise RunError(f"{source}: checkpoint does not match the model: missing {missing[:5]}"
+                       f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"{n}x {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def stage_metrics(cfg: dict, model: torch.nn.Module, pipeline: str, main_metric: str, higher_is_better: bool,
+                  metrics: dict, train_steps: int = 0, runtime_s: float = 0.0) -> dict:
+    """The metrics.json contract that results/make_results.py reads (see results/README.template.md)."""
+    from .report import compression_summary
+    comp = compression_summary(model)
+    kd = cfg.get("kd") or {}
+    dropout = cfg.get("dropout") or {}
+    out = {
+        "pipeline": pipeline, "stage": cfg.get("stage"), "scale": cfg.get("scale"),
+        "model": str(cfg.get("model_name_or_path")),
+        "main_metric": main_metric, "higher_is_better": higher_is_better,
+        **{k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+        **{k: comp[k] for k in ("w_bits", "a_bits", "sparsity", "quantize_attention", "zero_preserving",
+                                "bits_per_backbone_weight", "compression_ratio", "backbone_params",
+                                "total_params")},
+        "kd": bool(kd.get("enabled")), "dropout_schedule": dropout.get("schedule", "constant"),
+        "init_from": str(cfg.get("init_from") or cfg.get("model_name_or_path")),
+        "train_steps": int(train_steps), "train_runtime_s": round(float(runtime_s), 1),
+        "hardware": hardware(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if cfg.get("ablation"):
+        out["ablation"] = cfg["ablation"]
+    if cfg.get("mini_scale_note"):
+        out["mini_scale_note"] = cfg["mini_scale_note"]
+    return out
+
+
+def write_json(path: str | Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@torch.no_grad()
+def save_weight_sample(run_dir: str | Path, model: torch.nn.Module, init_state: dict | None) -> None:
+    """One backbone layer's weight before (the init checkpoint) and after compression (its effective weight)."""
+    from .prepare import compressed_linears
+    lins = compressed_linears(model)
+    if not lins:
+        return
+    name, lin = next(iter(lins.items()))
+    before = (init_state or {}).get(name + ".weight", lin.weight if getattr(lin, "weight", None) is not None
+                                    else lin.effective_weight())
+    np.savez_compressed(Path(run_dir) / "weight_sample.npz", before=before.float().cpu().numpy(),
+                        after=lin.effective_weight().float().cpu().numpy(), layer=np.array([name]))
