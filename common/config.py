@@ -6,6 +6,7 @@ Unknown keys are errors that name the key and the file, so a typo never silently
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -35,22 +36,28 @@ def _merge(base: dict, over: dict, source: str, prefix: str = "", strict: bool =
         key = f"{prefix}{k}"
         if strict and k not in base:
             raise ConfigError(f"{source}: unknown config key '{key}'; known keys here: {sorted(base)}")
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and not k.endswith("compression"):
-            out[k] = _merge(base[k], v, source, key + ".", strict)
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            # recipe keys are checked by common.Recipe itself, which knows them all
+            out[k] = _merge(base[k], v, source, key + ".", strict and k != "compression")
         else:
             out[k] = copy.deepcopy(v)
     return out
 
 
 def load_yaml_config(path: str | Path) -> dict:
-    """Read a config, resolving `_base_` (relative to the file) recursively. Keys not in the base are errors."""
+    """Read a config, resolving `_base_` (a file or a list, relative to this one) recursively.
+    Keys that the base does not have are errors."""
     path = Path(path)
     data = _read_yaml(path)
-    base_rel = data.pop("_base_", None)
-    if base_rel is None:
+    bases = data.pop("_base_", None)
+    if bases is None:
         return data
-    base = load_yaml_config(path.parent / base_rel)
-    return _merge(base, data, str(path))
+    # a list of bases merges left to right: e.g. [../qat4.yaml, base.yaml] = the paper stage + mini-scale deltas
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = load_yaml_config(path.parent / bases[0])
+    for b in bases[1:]:
+        merged = _merge(merged, load_yaml_config(path.parent / b), str(path.parent / b))
+    return _merge(merged, data, str(path))
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -63,7 +70,9 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = key.strip().lstrip("-").split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124: keep N:M as text
+        node[parts[-1]] = raw if re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", raw) else (
+            yaml.safe_load(raw) if raw != "" else None)
     return out
 
 
@@ -77,3 +86,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 def save_config(cfg: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def expand_paths(cfg: dict, pipeline: str) -> dict:
+    """Fill `{runs_dir}`, `{scale}`, `{stage}`, `{pipeline}` in path-like values; default output_dir is
+    RUNS_DIR/<scale>/<pipeline>/<stage> (the RUNS_DIR environment variable overrides runs_dir)."""
+    import os
+    runs_dir = os.environ.get("RUNS_DIR") or cfg.get("runs_dir") or "runs"
+    cfg["runs_dir"] = runs_dir
+    fmt = dict(runs_dir=runs_dir, scale=cfg.get("scale", "paper"), stage=cfg.get("stage", "stage"), pipeline=pipeline)
+    if not cfg.get("output_dir"):
+        cfg["output_dir"] = "{runs_dir}/{scale}/{pipeline}/{stage}"
+
+    def fill(v):
+        if isinstance(v, str) and "{" in v:
+            try:
+                return v.format(**fmt)
+            except (KeyError, IndexError) as e:
+                raise ConfigError(f"{cfg.get('config_file')}: unknown placeholder {e} in {v!r}") from None
+        if isinstance(v, dict):
+            return {k: fill(x) for k, x in v.items()}
+        return v
+
+    # recipe values (regexes) are not paths: leave them alone
+    return {k: (v if k == "compression" else fill(v)) for k, v in cfg.items()}

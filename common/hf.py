@@ -27,6 +27,18 @@ class ScheduledDropoutCallback(TrainerCallback):
             logs["dropout_factor"] = round(self.sched.factor(state.global_step), 4)
 
 
+class InterruptCallback(TrainerCallback):
+    """Stops training right after the checkpoint at `step`, as a preempted job would (used to test resume)."""
+
+    def __init__(self, step: int):
+        self.stop_step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.stop_step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 class CompressionTrainer(Trainer):
     """Trainer whose loss adds distillation from a frozen teacher when `distiller` is given.
 

@@ -88,6 +88,9 @@ class Recipe:
         """(N, M) of the N:M sparsity, or None."""
         if self.sparsity in (None, "none", "dense"):
             return None
+        if isinstance(self.sparsity, int) and not isinstance(self.sparsity, bool):
+            raise ValueError(f"got the number {self.sparsity}: YAML reads an unquoted N:M such as 2:4 as a base-60 "
+                             f"number; quote it: sparsity: '2:4'")
         m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.sparsity))
         if not m:
             raise ValueError(f"expected 'N:M' (e.g. '2:4') or null, got {self.sparsity!r}")

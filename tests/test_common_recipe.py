@@ -15,6 +15,7 @@ def test_defaults_are_the_paper_recipe():
     ("w_bits: 4\nsparsty: '2:4'\n", "sparsty"),
     ("sparsity: '3:2'\n", "sparsity"),
     ("sparsity: 'half'\n", "sparsity"),
+    ("sparsity: 2:4\n", "quote it"),  # unquoted: YAML 1.1 base-60 number 124
     ("w_bits: 16\n", "w_bits"),
     ("a_bits: 1\n", "a_bits"),
     ("w_quantizer: lsq\n", "w_quantizer"),

@@ -1,0 +1,69 @@
+"""Re-evaluate a saved bert_squad run (compressed ones included): rebuild the model from the run's own
+config.yaml, prepare it with the run's recipe, load its weights strictly, and rewrite metrics.json and
+predictions.json with the same keys as training wrote.
+
+    python -m bert_squad.eval RUN_DIR [key=value ...]     # e.g. data.validation_file=/data/dev-v1.1.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
+
+from common.config import ConfigError, _merge, parse_overrides, save_config  # noqa: E402
+from common.runs import RunError, load_into, load_state  # noqa: E402
+from common.stage import stage_recipe  # noqa: E402
+from common import prepare  # noqa: E402
+
+from bert_squad.train import finish_run, load_data, make_trainer, training_args  # noqa: E402
+
+
+def load_run(run_dir: Path, overrides: list[str] | None = None):
+    """(cfg, model, tokenizer) of a finished run: architecture from its config.json, weights from its file."""
+    import yaml
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "command line")
+    model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(run_dir))
+    recipe = stage_recipe(cfg)
+    if recipe is not None:
+        prepare(model, recipe)
+    state = load_state(run_dir, "trained model")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(f"{run_dir}: saved weights do not match the recipe in config.yaml: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    return cfg, model.eval(), AutoTokenizer.from_pretrained(run_dir)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg, model, tokenizer = load_run(a.run_dir, a.overrides)
+    _, val_examples, val_features = load_data(cfg, tokenizer, need_train=False)
+    cfg["train"]["report_to"] = "none"
+    args = training_args(cfg, a.run_dir)
+    trainer = make_trainer(cfg, model, args, tokenizer, None, val_examples, val_features)
+    prev = {}
+    if (a.run_dir / "metrics.json").exists():
+        import json
+        prev = json.loads((a.run_dir / "metrics.json").read_text())
+    out = finish_run(cfg, a.run_dir, trainer, model, None, prev.get("train_steps", 0),
+                     prev.get("train_runtime_s", 0.0))
+    print(f"[bert_squad/{cfg['stage']}] EM {out['exact_match']:.2f} F1 {out['f1']:.2f} -> {a.run_dir}/metrics.json")
+    return out
+
+
+if __name__ == "__main__":
+    main()

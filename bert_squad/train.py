@@ -1,0 +1,162 @@
+"""Fine-tune BERT on SQuAD1.1 for one stage of the paper's staged compression recipe.
+
+    python -m bert_squad.train --config bert_squad/configs/qat4.yaml [key=value ...]
+    bert_squad/train.sh qat4 train.num_train_epochs=3          # the same, SCALE=mini picks configs/mini/
+
+Stages (configs/*.yaml): fp -> sparse -> qat4 (W4A4 + 2:4), qat4_dense (W4A4) and ablations (abl_*).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments,  # noqa: E402
+                          default_data_collator)
+
+from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
+from common.hf import InterruptCallback, ScheduledDropoutCallback  # noqa: E402
+from common.runs import prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
+from common.stage import build_distiller, build_stage_model  # noqa: E402
+
+from bert_squad.squad_data import load_squad, minilm_path, references  # noqa: E402
+from bert_squad.trainer_qa import QuestionAnsweringTrainer  # noqa: E402
+from bert_squad.utils_qa import prepare_train_features, prepare_validation_features  # noqa: E402
+
+PIPELINE = "bert_squad"
+
+
+def resolve_model_path(name: str) -> str:
+    """`minilm` names the offline all-MiniLM-L6-v2 folder shipped by a pip package (mini scale)."""
+    return minilm_path() if name == "minilm" else name
+
+
+def ensure_mini_data(data_cfg: dict) -> None:
+    """Generate the synthetic mini-SQuAD files when the mini config asks for them and they are missing."""
+    gen = data_cfg.get("generate_mini")
+    if not gen:
+        return
+    from bert_squad import make_mini_squad
+    out_dir = Path(data_cfg["train_file"]).parent
+    make_mini_squad.main(["--out_dir", str(out_dir), "--seed", str(gen.get("seed", 0)),
+                          "--n_train", str(gen.get("n_train", 4000)), "--n_dev", str(gen.get("n_dev", 600))])
+
+
+def load_data(cfg: dict, tokenizer, need_train: bool = True):
+    d = cfg["data"]
+    ensure_mini_data(d)
+    raw = load_squad(d.get("dataset_name") or "squad", d.get("train_file") if need_train else None,
+                     d.get("validation_file"), d.get("cache_dir"))
+    if "validation" not in raw:
+        raise ConfigError(f"{cfg['config_file']}: no validation split (set data.validation_file)")
+    val_examples = raw["validation"]
+    if d.get("max_eval_samples"):
+        val_examples = val_examples.select(range(min(d["max_eval_samples"], len(val_examples))))
+    kw = dict(tokenizer=tokenizer, max_seq_length=d["max_seq_length"], doc_stride=d["doc_stride"])
+    val_features = val_examples.map(lambda b: prepare_validation_features(b, **kw), batched=True,
+                                    remove_columns=val_examples.column_names, desc="tokenize validation")
+    train_features = None
+    if need_train:
+        train = raw["train"]
+        if d.get("max_train_samples"):
+            train = train.select(range(min(d["max_train_samples"], len(train))))
+        train_features = train.map(lambda b: prepare_train_features(b, **kw), batched=True,
+                                   remove_columns=train.column_names, desc="tokenize train")
+    return train_features, val_examples, val_features
+
+
+def model_builder(cfg: dict):
+    """Architecture + starting weights (pre-trained) with the stage's dropout probability."""
+    path = resolve_model_path(cfg["model_name_or_path"])
+    p = (cfg.get("dropout") or {}).get("p")
+    kw = {} if p is None else dict(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    layers = cfg.get("num_hidden_layers")
+    if layers:
+        kw["num_hidden_layers"] = layers
+    if cfg.get("from_config"):  # tests: a tiny randomly initialised model from a config file, no weights
+        return lambda: AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(path, **kw))
+    return lambda: AutoModelForQuestionAnswering.from_pretrained(path, **kw)
+
+
+def training_args(cfg: dict, out_dir: Path) -> TrainingArguments:
+    try:
+        return TrainingArguments(output_dir=str(out_dir), **cfg["train"])
+    except TypeError as e:
+        raise ConfigError(f"{cfg['config_file']}: bad key under 'train' (TrainingArguments): {e}") from None
+
+
+def make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller=None,
+                 callbacks=()):
+    return QuestionAnsweringTrainer(
+        model=model, args=args, train_dataset=train_features, eval_dataset=val_features,
+        processing_class=tokenizer, data_collator=default_data_collator, distiller=distiller,
+        callbacks=list(callbacks), eval_examples=val_examples, references=references(val_examples),
+        n_best_size=cfg["data"]["n_best_size"], max_answer_length=cfg["data"]["max_answer_length"])
+
+
+def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runtime: float) -> dict:
+    """Evaluate, then write metrics.json, predictions.json, log_history.json and the weight sample."""
+    metrics = trainer.evaluate()
+    task = {"exact_match": metrics["eval_exact_match"], "f1": metrics["eval_f1"]}
+    out = stage_metrics(cfg, model, PIPELINE, "f1", True, task, steps, runtime)
+    write_json(out_dir / "predictions.json", trainer.last_predictions)
+    write_json(out_dir / "log_history.json", trainer.state.log_history)
+    save_weight_sample(out_dir, model, init_state)
+    write_json(out_dir / "metrics.json", out)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="stage YAML, e.g. bert_squad/configs/fp.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=5e-5")
+    a = ap.parse_args(argv)
+    cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
+    out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False))
+    save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg["train"].get("seed", 42))
+
+    tok_path = resolve_model_path(cfg.get("tokenizer_name") or cfg["model_name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    train_features, val_examples, val_features = load_data(cfg, tokenizer)
+    args = training_args(cfg, out_dir)
+    build = model_builder(cfg)
+
+    def calib_batches():
+        loader = torch.utils.data.DataLoader(train_features.remove_columns(["start_positions", "end_positions"]),
+                                             batch_size=args.per_device_train_batch_size, shuffle=False,
+                                             collate_fn=default_data_collator)
+        return iter(loader)
+
+    resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
+    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume)
+    distiller = build_distiller(cfg, build)
+    drop = cfg.get("dropout") or {}
+    callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0))]
+    if cfg.get("interrupt_at_step"):
+        callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
+    trainer = make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller,
+                           callbacks)
+    t0 = time.time()
+    steps = 0
+    if args.num_train_epochs > 0 or args.max_steps > 0:
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        steps = result.global_step
+    if cfg.get("interrupt_at_step") and steps == cfg["interrupt_at_step"]:
+        print(f"[{PIPELINE}/{cfg['stage']}] interrupted at step {steps} (interrupt_at_step); resume=true continues")
+        return {}
+    trainer.save_model(str(out_dir))
+    out = finish_run(cfg, out_dir, trainer, model, init_state, steps, time.time() - t0)
+    print(f"[{PIPELINE}/{cfg['stage']}] EM {out['exact_match']:.2f} F1 {out['f1']:.2f} "
+          f"({out['compression_ratio']}x backbone, {steps} steps, {out['train_runtime_s']} s) -> {out_dir}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""One stage of the paper's staged recipe, shared by the pipelines ("critical initialization", paper §3):
+start from the configured init checkpoint (with its 2:4 masks), prepare with the stage's recipe, calibrate the
+activation clips, and build the frozen full-precision teacher for distillation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .distill import DistillationLoss
+from .prepare import calibrate, prepare
+from .recipe import Recipe, RecipeError
+from .runs import RunError, load_into, load_state, split_state
+
+
+def stage_recipe(cfg: dict) -> Recipe | None:
+    comp = cfg.get("compression")
+    if not comp:
+        return None
+    try:
+        return Recipe.from_dict(comp, source=f"{cfg.get('config_file', 'config')}: compression")
+    except RecipeError:
+        raise
+
+
+def _existing_dir(cfg: dict, key: str, value) -> Path:
+    p = Path(str(value))
+    if not p.exists():
+        raise RunError(f"{cfg.get('config_file', 'config')}: '{key}' points to {p}, which does not exist; "
+                       f"run that stage first or override {key}=PATH")
+    return p
+
+
+def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_batches: Callable[[], Iterable] | None,
+                      calib_forward=None, do_calibrate: bool = True):
+    """-> (model, init_state). `build_model()` returns the architecture with its starting weights
+    (pre-trained from the hub/local path); `cfg["init_from"]` (a previous stage's run dir) replaces them."""
+    model = build_model()
+    init_state = None
+    masks = {}
+    if cfg.get("init_from"):
+        src = _existing_dir(cfg, "init_from", cfg["init_from"])
+        init_state, masks = split_state(load_state(src, "init checkpoint"))
+        load_into(model, init_state, str(src))
+    else:
+        init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    recipe = stage_recipe(cfg)
+    if recipe is not None:
+        prepare(model, recipe, masks if recipe.nm else None)
+        if do_calibrate and recipe.quantize_acts and recipe.calib_batches > 0 and calib_batches is not None:
+            calibrate(model, calib_batches(), forward=calib_forward)
+    return model, init_state
+
+
+def build_distiller(cfg: dict, build_model: Callable[[], nn.Module]) -> DistillationLoss | None:
+    kd = cfg.get("kd") or {}
+    if not kd.get("enabled"):
+        return None
+    if not kd.get("teacher"):
+        raise RunError(f"{cfg.get('config_file', 'config')}: kd.enabled is true but kd.teacher (the FP run dir) "
+                       f"is not set")
+    src = _existing_dir(cfg, "kd.teacher", kd["teacher"])
+    teacher = build_model()
+    state, _ = split_state(load_state(src, "teacher checkpoint"))
+    load_into(teacher, state, str(src))
+    return DistillationLoss(teacher, lam=float(kd.get("lambda", 0.5)), temperature=float(kd.get("temperature", 2.0)),
+                            hidden_weight=float(kd.get("hidden_weight", 0.0)))
