@@ -22,7 +22,7 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
 
 from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
 from common.hf import InterruptCallback, ScheduledDropoutCallback  # noqa: E402
-from common.runs import prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
+from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
 from bert_squad.squad_data import load_squad, minilm_path, references  # noqa: E402
@@ -102,9 +102,14 @@ def make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_
 
 def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runtime: float) -> dict:
     """Evaluate, then write metrics.json, predictions.json, log_history.json and the weight sample."""
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate()  # every rank takes part; rank 0 writes
     task = {"exact_match": metrics["eval_exact_match"], "f1": metrics["eval_f1"]}
     out = stage_metrics(cfg, model, PIPELINE, "f1", True, task, steps, runtime)
+    out["effective_train_batch_size"] = (trainer.args.per_device_train_batch_size * trainer.args.world_size
+                                         * trainer.args.gradient_accumulation_steps)
+    out["learning_rate"] = trainer.args.learning_rate
+    if not trainer.is_world_process_zero():
+        return out
     write_json(out_dir / "predictions.json", trainer.last_predictions)
     write_json(out_dir / "log_history.json", trainer.state.log_history)
     save_weight_sample(out_dir, model, init_state)
@@ -119,7 +124,8 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
     out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False))
-    save_config(cfg, out_dir / "config.yaml")
+    if is_main_process():
+        save_config(cfg, out_dir / "config.yaml")
     torch.manual_seed(cfg["train"].get("seed", 42))
 
     tok_path = resolve_model_path(cfg.get("tokenizer_name") or cfg["model_name_or_path"])
@@ -129,8 +135,10 @@ def main(argv=None) -> dict:
     build = model_builder(cfg)
 
     def calib_batches():
+        # global batches, identical on every rank, so clips do not depend on the number of processes
         loader = torch.utils.data.DataLoader(train_features.remove_columns(["start_positions", "end_positions"]),
-                                             batch_size=args.per_device_train_batch_size, shuffle=False,
+                                             batch_size=args.per_device_train_batch_size * args.world_size
+                                             * args.gradient_accumulation_steps, shuffle=False,
                                              collate_fn=default_data_collator)
         return iter(loader)
 
@@ -143,11 +151,19 @@ def main(argv=None) -> dict:
         callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
     trainer = make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller,
                            callbacks)
+    if is_main_process():
+        eff = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        print(f"[{PIPELINE}/{cfg['stage']}] effective batch {eff} = {args.per_device_train_batch_size} per device x "
+              f"{args.world_size} processes x {args.gradient_accumulation_steps} accumulation; lr {args.learning_rate}")
     t0 = time.time()
     steps = 0
     if args.num_train_epochs > 0 or args.max_steps > 0:
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         steps = result.global_step
+    if args.world_size > 1:  # evidence for the scale-out test: each rank's masks and clips after training
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()
+                    if k.endswith((".mask", ".lo", ".hi", ".signed"))},
+                   out_dir / f"rank_state_{args.process_index}.pt")
     if cfg.get("interrupt_at_step") and steps == cfg["interrupt_at_step"]:
         print(f"[{PIPELINE}/{cfg['stage']}] interrupted at step {steps} (interrupt_at_step); resume=true continues")
         return {}

@@ -16,6 +16,9 @@ class ConfigError(ValueError):
     pass
 
 
+OPEN_SECTIONS = ("compression", "train")
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
@@ -37,8 +40,9 @@ def _merge(base: dict, over: dict, source: str, prefix: str = "", strict: bool =
         if strict and k not in base:
             raise ConfigError(f"{source}: unknown config key '{key}'; known keys here: {sorted(base)}")
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            # recipe keys are checked by common.Recipe itself, which knows them all
-            out[k] = _merge(base[k], v, source, key + ".", strict and k != "compression")
+            # these sections are checked by their consumer, which knows all keys (common.Recipe, and the
+            # HF TrainingArguments that `train` is passed to)
+            out[k] = _merge(base[k], v, source, key + ".", strict and k not in OPEN_SECTIONS)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -60,6 +64,20 @@ def load_yaml_config(path: str | Path) -> dict:
     return _merge(merged, data, str(path))
 
 
+def _value(raw: str):
+    if raw == "":
+        return None
+    if re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", raw):  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124
+        return raw
+    v = yaml.safe_load(raw)
+    if isinstance(v, str):  # YAML 1.1 leaves 1e-3 (no dot) as text; a user means the number
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     out: dict = {}
     for pair in pairs:
@@ -71,8 +89,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124: keep N:M as text
-        node[parts[-1]] = raw if re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", raw) else (
-            yaml.safe_load(raw) if raw != "" else None)
+        node[parts[-1]] = _value(raw)
     return out
 
 

@@ -18,9 +18,18 @@ class RunError(ValueError):
     pass
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed): the process that writes files. Read from torchrun's environment."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently."""
+    """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently.
+    Only rank 0 checks and clears it; other ranks of a distributed run just use it."""
     path = Path(path)
+    if not is_main_process():
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     if path.exists() and any(path.iterdir()) and not (overwrite or resume):
         raise RunError(f"{path}: output directory exists and is not empty; pass overwrite_output_dir=true to "
                        f"replace it, or resume=true to continue its last checkpoint")

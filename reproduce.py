@@ -1,0 +1,140 @@
+"""`make reproduce`: run every stage (and ablation) of every pipeline at one scale, then regenerate results/.
+
+    python reproduce.py --scale mini [--quick 1] [--force 1] [--pipelines bert_squad vit_imagenet ...]
+
+A stage whose run dir already has metrics.json and the same resolved config is skipped (FORCE=1 redoes it).
+SCALE=paper first checks that every model and data set the configs name is reachable, and stops with a list of
+what is missing before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from common.config import expand_paths, load_config  # noqa: E402
+
+MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
+ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
+             "abl_pretrained_init"]
+# keys that do not change what a stage computes
+VOLATILE = {"overwrite_output_dir", "resume", "config_file", "interrupt_at_step"}
+
+
+def config_path(pipeline: str, scale: str, stage: str) -> Path:
+    return ROOT / pipeline / "configs" / ("mini" if scale == "mini" else "") / f"{stage}.yaml"
+
+
+def stages_of(pipeline: str, scale: str, quick: bool) -> list[str]:
+    wanted = MAIN + ([] if quick else ABLATIONS)
+    return [s for s in wanted if config_path(pipeline, scale, s).exists()]
+
+
+def resolved(pipeline: str, scale: str, stage: str) -> dict:
+    return expand_paths(load_config(config_path(pipeline, scale, stage)), pipeline)
+
+
+def comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in VOLATILE}
+
+
+def is_done(cfg: dict) -> bool:
+    run = Path(cfg["output_dir"])
+    if not (run / "metrics.json").exists() or not (run / "config.yaml").exists():
+        return False
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+    except yaml.YAMLError:
+        return False
+    return comparable(saved) == comparable(cfg)
+
+
+def missing_inputs(pipeline: str, scale: str) -> list[str]:
+    """What the paper-scale configs need that is not on disk and not reachable on the hub."""
+    problems = []
+    for stage in stages_of(pipeline, scale, quick=False):
+        cfg = resolved(pipeline, scale, stage)
+        for section in (cfg, cfg.get("data") or {}):
+            for key, val in section.items():
+                if isinstance(val, str) and key.endswith(("_file", "_dir", "_root", "data_dir")) \
+                        and key != "output_dir" and key != "runs_dir" and key != "cache_dir" and not Path(val).exists():
+                    problems.append(f"{pipeline}/{stage}: {key}={val} does not exist")
+        name = cfg.get("model_name_or_path") or cfg.get("model_name")
+        if name and not Path(str(name)).exists() and not cfg.get("init_from"):
+            if not hub_reachable(str(name), "model"):
+                problems.append(f"{pipeline}/{stage}: model {name!r} is neither a local path nor reachable on "
+                                f"the Hugging Face hub")
+        ds = (cfg.get("data") or {}).get("dataset_name")
+        if ds and not any((cfg.get("data") or {}).get(k) for k in ("train_file", "librispeech_root", "data_dir")):
+            if not hub_reachable(str(ds), "dataset"):
+                problems.append(f"{pipeline}/{stage}: data set {ds!r} is not reachable on the hub and no local "
+                                f"files are configured")
+    return sorted(set(problems))
+
+
+def hub_reachable(name: str, kind: str) -> bool:
+    try:
+        from huggingface_hub import HfApi
+        api = HfApi()
+        (api.model_info if kind == "model" else api.dataset_info)(name, timeout=10)
+        return True
+    except Exception:
+        return False
+
+
+def run_stage(pipeline: str, scale: str, stage: str, log_dir: Path) -> tuple[int, float]:
+    cmd = [sys.executable, "-m", f"{pipeline}.train", "--config", str(config_path(pipeline, scale, stage)),
+           "overwrite_output_dir=true"]
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    return rc, time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=["mini", "paper"], default="mini")
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--quick", type=int, default=0, help="1: only the main rows, no ablations")
+    ap.add_argument("--force", type=int, default=0, help="1: redo finished stages")
+    ap.add_argument("--pipelines", nargs="+", default=["bert_squad", "vit_imagenet", "wav2vec_librispeech"])
+    a = ap.parse_args(argv)
+    os.environ["RUNS_DIR"] = a.runs_dir
+    pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
+    for p in set(a.pipelines) - set(pipelines):
+        print(f"[reproduce] {p}: no train.py yet, skipped")
+    if a.scale == "paper":
+        problems = [m for p in pipelines for m in missing_inputs(p, a.scale)]
+        if problems:
+            print("[reproduce] SCALE=paper cannot start; missing:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 2
+    t_all = time.time()
+    failed = []
+    for p in pipelines:
+        for stage in stages_of(p, a.scale, bool(a.quick)):
+            cfg = resolved(p, a.scale, stage)
+            if not a.force and is_done(cfg):
+                print(f"[reproduce] {a.scale}/{p}/{stage}: done earlier, skipped ({cfg['output_dir']})", flush=True)
+                continue
+            print(f"[reproduce] {a.scale}/{p}/{stage}: running ...", flush=True)
+            rc, secs = run_stage(p, a.scale, stage, Path(a.runs_dir))
+            status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+            print(f"[reproduce] {a.scale}/{p}/{stage}: {status} in {secs / 60:.1f} min", flush=True)
+            if rc != 0:
+                failed.append(f"{p}/{stage}")
+    rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
+                          "--out", str(ROOT / "results")])
+    print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"
+          + (f"; FAILED stages: {failed}" if failed else ""))
+    return 1 if failed or rc else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
