@@ -8,6 +8,7 @@ Stages (configs/*.yaml): fp -> sparse -> qat4 (W4A4 + 2:4), qat4_dense (W4A4) an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments,  # noqa: E402
-                          default_data_collator)
+from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer,  # noqa: E402
+                          DataCollatorWithPadding, TrainingArguments, default_data_collator)
+from transformers.training_args import ParallelMode  # noqa: E402
 
 from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
 from common.hf import InterruptCallback, ScheduledDropoutCallback  # noqa: E402
@@ -58,7 +60,8 @@ def load_data(cfg: dict, tokenizer, need_train: bool = True):
     val_examples = raw["validation"]
     if d.get("max_eval_samples"):
         val_examples = val_examples.select(range(min(d["max_eval_samples"], len(val_examples))))
-    kw = dict(tokenizer=tokenizer, max_seq_length=d["max_seq_length"], doc_stride=d["doc_stride"])
+    kw = dict(tokenizer=tokenizer, max_seq_length=d["max_seq_length"], doc_stride=d["doc_stride"],
+              pad_to_max_length=d.get("pad_to_max_length", True))
     val_features = val_examples.map(lambda b: prepare_validation_features(b, **kw), batched=True,
                                     remove_columns=val_examples.column_names, desc="tokenize validation")
     train_features = None
@@ -85,17 +88,33 @@ def model_builder(cfg: dict):
 
 
 def training_args(cfg: dict, out_dir: Path) -> TrainingArguments:
+    kw = dict(cfg["train"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Multi-process launch (torchrun) on a machine without an accelerator: unless use_cpu is set, Accelerate
+        # starts the gloo group and shards the batches but leaves distributed_type NO, so the model is not wrapped
+        # in DDP and every rank trains alone on its shard (no gradient all-reduce). use_cpu selects MULTI_CPU + DDP.
+        kw.setdefault("use_cpu", True)
     try:
-        return TrainingArguments(output_dir=str(out_dir), **cfg["train"])
+        args = TrainingArguments(output_dir=str(out_dir), **kw)
     except TypeError as e:
         raise ConfigError(f"{cfg['config_file']}: bad key under 'train' (TrainingArguments): {e}") from None
+    if args.world_size > 1 and args.parallel_mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
+        raise ConfigError(f"{cfg['config_file']}: {args.world_size} processes but no DDP (parallel mode "
+                          f"{args.parallel_mode.value}): the ranks would train independently; on CPU set "
+                          f"train.use_cpu=true")
+    return args
+
+
+def collator(cfg, tokenizer):
+    """Padded to max_seq_length (the HF example's default), or per batch (mini scale: saves CPU time)."""
+    return default_data_collator if cfg["data"].get("pad_to_max_length", True) else DataCollatorWithPadding(tokenizer)
 
 
 def make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller=None,
                  callbacks=()):
     return QuestionAnsweringTrainer(
         model=model, args=args, train_dataset=train_features, eval_dataset=val_features,
-        processing_class=tokenizer, data_collator=default_data_collator, distiller=distiller,
+        processing_class=tokenizer, data_collator=collator(cfg, tokenizer), distiller=distiller,
         callbacks=list(callbacks), eval_examples=val_examples, references=references(val_examples),
         n_best_size=cfg["data"]["n_best_size"], max_answer_length=cfg["data"]["max_answer_length"])
 
@@ -139,7 +158,7 @@ def main(argv=None) -> dict:
         loader = torch.utils.data.DataLoader(train_features.remove_columns(["start_positions", "end_positions"]),
                                              batch_size=args.per_device_train_batch_size * args.world_size
                                              * args.gradient_accumulation_steps, shuffle=False,
-                                             collate_fn=default_data_collator)
+                                             collate_fn=collator(cfg, tokenizer))
         return iter(loader)
 
     resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))

@@ -35,7 +35,6 @@ from torch import nn
 
 from . import packing
 from .fake_quant import act_qparams, quantize_act, weight_qrange
-from .pact import ActQuantizer
 from .prepare import FrozenCompressedLinear, act_quantizers, convert, prepare
 from .recipe import Recipe, RecipeError
 
@@ -115,7 +114,8 @@ def build_from_spec(spec: dict, source: str = "checkpoint") -> nn.Module:
         return cls(cls.config_class.from_dict(spec["config"]))
     if kind == "timm" and spec.get("name") and spec.get("kwargs") is not None:
         import timm
-        return timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["kwargs"].items()}  # JSON lists
+        return timm.create_model(spec["name"], pretrained=False, **kwargs)
     raise CompressedFormatError(
         f"{source}: the file does not say how to rebuild its {spec.get('class', '?')} model (kind {kind!r}"
         f"{', no timm create arguments' if kind == 'timm' else ''}); pass model= (the architecture) to "
@@ -153,6 +153,7 @@ def _pack_linear(name: str, m: FrozenCompressedLinear, dtype: torch.dtype, index
              "bias": m.bias is not None, "input_quant": f"{name}.input_quant" if m.input_quant is not None else None}
     ts: dict[str, torch.Tensor] = {}
     flat = w.detach().cpu().reshape(-1)
+    check_np = (flat.float() if flat.dtype == torch.bfloat16 else flat).numpy()  # -0.0 counts as zero
     if not quantized:
         flat = flat.to(dtype)
     flat_np = flat.view(torch.int16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
@@ -161,10 +162,10 @@ def _pack_linear(name: str, m: FrozenCompressedLinear, dtype: torch.dtype, index
         if tuple(mask.shape) != (out_f, in_f):
             raise ValueError(f"{name}: mask of shape {tuple(mask.shape)}, expected {(out_f, in_f)}")
         fmask = mask.reshape(-1).numpy()
-        if not flat_np[~fmask].any():
-            entry["layout"] = "kept"
-        elif quantized and not m.zero_preserving:
+        if quantized and not m.zero_preserving:  # code 0 is +step/2 there: the weight is not really sparse
             notes.append(f"{name}: plain grid, pruned weights dequantize to +-step/2 (not 0): stored as dense codes")
+        elif not check_np[~fmask].any():
+            entry["layout"] = "kept"
         else:
             raise ValueError(f"{name}: nonzero weights at pruned (mask False) positions; cannot store the layer")
         enc, packed = index, None
@@ -191,7 +192,7 @@ def _pack_linear(name: str, m: FrozenCompressedLinear, dtype: torch.dtype, index
         ts[f"{name}.values"] = v.view(torch.bfloat16) if dtype == torch.bfloat16 else v
     if quantized:
         step = m.weight_step.detach().cpu()
-        entry["per_channel"] = step.numel() > 1
+        entry["per_channel"] = step.dim() > 0
         ts[f"{name}.weight_step"] = step.clone(memory_format=torch.contiguous_format)
     if m.bias is not None:
         ts[f"{name}.bias"] = m.bias.detach().cpu().to(dtype, copy=True)
@@ -266,13 +267,12 @@ def export_model(model: nn.Module, out_file, extra_meta: dict | None = None, dty
             memory_format=torch.contiguous_format)
     for n in notes:
         warnings.warn(f"export: {n}")
+    js = lambda o: json.dumps(o, separators=(",", ":"), default=str)  # noqa: E731
     meta = {
         "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-        "recipe": json.dumps(recipe.to_dict()), "model": json.dumps(spec),
-        "layers": json.dumps(layers), "act_quantizers": json.dumps(qmeta),
-        "storage": json.dumps({"dtype": str(dtype).replace("torch.", ""), "index": index, "aliases": aliases}),
-        "extra": json.dumps(extra_meta or {}, default=str),
-        "notes": json.dumps(notes),
+        "recipe": js(recipe.to_dict()), "model": js(spec), "layers": js(layers), "act_quantizers": js(qmeta),
+        "storage": js({"dtype": str(dtype).replace("torch.", ""), "index": index, "aliases": aliases}),
+        "extra": js(extra_meta or {}), "notes": js(notes),
         "created_by": f"common.export (torch {torch.__version__})",
         "checksum": checksum(tensors),
     }
@@ -397,22 +397,11 @@ def _mismatch(path, what: str, in_file, in_model) -> CompressedFormatError:
         f"{'…' if len(a) > 5 else ''}, only in the model {b[:5]}{'…' if len(b) > 5 else ''}")
 
 
-def _decode_layer(path, e: dict, m: FrozenCompressedLinear, tensors: dict) -> None:
+def _decode_entry(path, e: dict, tensors: dict) -> dict:
+    """One layer of the file -> {"codes" (int8 [out, in]) or "weight" (float), "step", "mask", "bias"};
+    checks the file's own consistency (lengths, code range), not the model."""
     name = e["name"]
     out_f, in_f = e["out_features"], e["in_features"]
-    if (m.out_features, m.in_features) != (out_f, in_f):
-        raise CompressedFormatError(f"{path}: the model does not match the checkpoint: layer {name} is "
-                                    f"{out_f}x{in_f} in the file, {m.out_features}x{m.in_features} in the model")
-    quantized = e["values"] != "float"
-    mine = {"bits": m.w_bits, "zero_preserving": bool(m.zero_preserving), "nm": list(m.nm) if m.nm else None,
-            "bias": m.bias is not None, "quantized": m.weight is None,
-            "input_quant": m.input_quant is not None}
-    theirs = {"bits": e["bits"], "zero_preserving": e["zero_preserving"], "nm": e["nm"], "bias": e["bias"],
-              "quantized": quantized, "input_quant": e["input_quant"] is not None}
-    if mine != theirs:
-        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
-        raise CompressedFormatError(f"{path}: the model does not match the checkpoint: layer {name} differs "
-                                    f"(file, model): {diff}")
     n = out_f * in_f
 
     def need(key):
@@ -425,9 +414,9 @@ def _decode_layer(path, e: dict, m: FrozenCompressedLinear, tensors: dict) -> No
         if e["index"] is not None:
             mask = packing.unpack_index(need(f"{name}.index").numpy(), e["index"], n)
         if e["values"] == "nibble":
-            vals = torch.from_numpy(packing.unpack_nibbles(need(f"{name}.codes").numpy(), e["n_values"]))
+            vals = packing.unpack_nibbles(need(f"{name}.codes").numpy(), e["n_values"])
         elif e["values"] == "int8":
-            vals = need(f"{name}.codes").to(torch.int8).reshape(-1)
+            vals = need(f"{name}.codes").numpy().astype(np.int8).reshape(-1)
         elif e["values"] == "float":
             vals = need(f"{name}.values").reshape(-1)
         else:
@@ -437,59 +426,96 @@ def _decode_layer(path, e: dict, m: FrozenCompressedLinear, tensors: dict) -> No
     if e["layout"] not in ("kept", "dense") or (e["layout"] == "kept" and mask is None):
         raise CompressedFormatError(f"{path}: layer {name}: layout {e['layout']!r} without its index (corrupted)")
     expect = int(mask.sum()) if e["layout"] == "kept" else n
-    if vals.numel() != expect:
-        raise CompressedFormatError(f"{path}: layer {name}: {vals.numel()} stored values, the layout "
-                                    f"{e['layout']!r} needs {expect} (corrupted file)")
+    got = vals.size if isinstance(vals, np.ndarray) else vals.numel()
+    if got != expect:
+        raise CompressedFormatError(f"{path}: layer {name}: {got} stored values, the layout {e['layout']!r} "
+                                    f"needs {expect} (corrupted file)")
+    out = {"mask": None if mask is None else torch.from_numpy(mask).reshape(out_f, in_f), "step": None,
+           "bias": need(f"{name}.bias") if e["bias"] else None}
+    if e["values"] == "float":
+        full = vals
+        if e["layout"] == "kept":
+            full = torch.zeros(n, dtype=vals.dtype)
+            full[out["mask"].reshape(-1)] = vals
+        out["weight"] = full.reshape(out_f, in_f)
+        return out
     if e["layout"] == "kept":
-        dt = torch.int8 if quantized else m.weight.dtype
-        full = torch.zeros(n, dtype=dt)
-        full[torch.from_numpy(mask)] = vals.to(dt)
+        full = np.zeros(n, np.int8)
+        full[mask] = vals
     else:
-        full = vals if quantized else vals.to(m.weight.dtype)
-    dev = (m.weight_codes if quantized else m.weight).device
-    if quantized:
-        lo, hi = weight_qrange(e["bits"], e["zero_preserving"])
-        if full.numel() and (int(full.min()) < lo or int(full.max()) > hi):
-            raise CompressedFormatError(f"{path}: layer {name}: codes outside {lo}..{hi} (corrupted file)")
-        step = need(f"{name}.weight_step")
-        if step.shape != m.weight_step.shape:
-            raise CompressedFormatError(f"{path}: the model does not match the checkpoint: layer {name} has "
-                                        f"step shape {tuple(step.shape)} in the file, {tuple(m.weight_step.shape)} "
+        full = vals
+    lo, hi = weight_qrange(e["bits"], e["zero_preserving"])
+    if full.size and (int(full.min()) < lo or int(full.max()) > hi):
+        raise CompressedFormatError(f"{path}: layer {name}: codes outside {lo}..{hi} (corrupted file)")
+    out["codes"] = torch.from_numpy(full).reshape(out_f, in_f)
+    out["step"] = need(f"{name}.weight_step")
+    return out
+
+
+def _assign_layer(path, e: dict, d: dict, m: FrozenCompressedLinear) -> None:
+    name = e["name"]
+    out_f, in_f = e["out_features"], e["in_features"]
+    if (m.out_features, m.in_features) != (out_f, in_f):
+        raise CompressedFormatError(f"{path}: the model does not match the checkpoint: layer {name} is "
+                                    f"{out_f}x{in_f} in the file, {m.out_features}x{m.in_features} in the model")
+    mine = {"bits": m.w_bits, "zero_preserving": bool(m.zero_preserving), "nm": list(m.nm) if m.nm else None,
+            "bias": m.bias is not None, "quantized": m.weight is None, "input_quant": m.input_quant is not None}
+    theirs = {"bits": e["bits"], "zero_preserving": e["zero_preserving"], "nm": e["nm"], "bias": e["bias"],
+              "quantized": e["values"] != "float", "input_quant": e["input_quant"] is not None}
+    if mine != theirs:
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        raise CompressedFormatError(f"{path}: the model does not match the checkpoint: layer {name} differs "
+                                    f"(file, model): {diff}")
+    if "codes" in d:
+        dev = m.weight_codes.device
+        if d["step"].shape != m.weight_step.shape:
+            raise CompressedFormatError(f"{path}: the model does not match the checkpoint: layer {name} has step "
+                                        f"shape {tuple(d['step'].shape)} in the file, {tuple(m.weight_step.shape)} "
                                         f"in the model (per-channel vs per-tensor)")
-        m.weight_codes = full.reshape(out_f, in_f).to(dev)
-        m.weight_step = step.to(device=dev, dtype=m.weight_step.dtype)
+        m.weight_codes = d["codes"].to(dev)
+        m.weight_step = d["step"].to(device=dev, dtype=m.weight_step.dtype)
     else:
-        m.weight = full.reshape(out_f, in_f).to(dev)
-    m.mask = None if mask is None else torch.from_numpy(mask).reshape(out_f, in_f).to(dev)
-    if e["bias"]:
-        m.bias = need(f"{name}.bias").to(device=m.bias.device, dtype=m.bias.dtype)
+        dev = m.weight.device
+        m.weight = d["weight"].to(device=dev, dtype=m.weight.dtype)
+    m.mask = None if d["mask"] is None else d["mask"].to(dev)
+    if d["bias"] is not None:
+        m.bias = d["bias"].to(device=m.bias.device, dtype=m.bias.dtype)
 
 
 @torch.no_grad()
 def load_compressed(path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the converted model from a compressed checkpoint: from the architecture stored in the file, or
-    into `model` (plain, prepared or converted, same architecture; it is prepared with the file's recipe and
-    converted if needed). Returns the model in eval mode."""
+    into `model` (plain, prepared or converted, same architecture; a plain one is prepared with the file's
+    recipe and masks, and converted). Returns the model in eval mode."""
     tensors, meta = read_compressed(path)
     try:
         recipe = Recipe.from_dict(meta["recipe"], source=f"{path}: recipe")
     except RecipeError as e:
         raise CompressedFormatError(str(e)) from None
+    layers = {e["name"]: e for e in meta["layers"]}
+    decoded = {name: _decode_entry(path, e, tensors) for name, e in layers.items()}
     if model is None:
         model = build_from_spec(meta["model"], str(path))
     if getattr(model, "compression_recipe", None) is None:
-        try:
-            prepare(model, recipe)
+        mods = dict(model.named_modules())
+        for name, e in layers.items():
+            lin = mods.get(name)
+            if isinstance(lin, nn.Linear) and (lin.out_features, lin.in_features) != (e["out_features"],
+                                                                                       e["in_features"]):
+                raise CompressedFormatError(
+                    f"{path}: the model does not match the checkpoint: layer {name} is {e['out_features']}x"
+                    f"{e['in_features']} in the file, {lin.out_features}x{lin.in_features} in the model")
+        try:  # the file's masks: no need to recompute them from weights that are about to be replaced
+            prepare(model, recipe, {n: d["mask"] for n, d in decoded.items() if d["mask"] is not None})
         except ValueError as e:
             raise CompressedFormatError(f"{path}: the model does not match the checkpoint: {e}") from None
     if not getattr(model, "compression_converted", False):
         convert(model)
     lins = {n: m for n, m in model.named_modules() if isinstance(m, FrozenCompressedLinear)}
-    layers = {e["name"]: e for e in meta["layers"]}
     if set(lins) != set(layers):
         raise _mismatch(path, "compressed linears", layers, lins)
     for name, e in layers.items():
-        _decode_layer(path, e, lins[name], tensors)
+        _assign_layer(path, e, decoded[name], lins[name])
     quants = act_quantizers(model)
     qmeta = {q["name"]: (i, q) for i, q in enumerate(meta["act_quantizers"])}
     if set(quants) != set(qmeta):
@@ -662,7 +688,24 @@ def load_hf_run(run_dir: Path) -> nn.Module:
     return model.eval()
 
 
-LOADERS["wav2vec_librispeech"] = load_hf_run
+@register_loader("wav2vec_librispeech")
+def _load_wav2vec_librispeech(run_dir: Path) -> nn.Module:
+    from wav2vec_librispeech.eval import load_run
+    return load_run(Path(run_dir))[1]
+
+
+@register_loader("vit_imagenet")
+def _load_vit_imagenet(run_dir: Path) -> nn.Module:
+    """vit_imagenet.eval.load_run_model, plus the timm create arguments (timm models do not keep them) so the
+    exported file can rebuild the architecture on its own."""
+    from common.config import load_config
+    from vit_imagenet.eval import load_run_model
+    from vit_imagenet.pipeline import MODEL_KWARGS
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    model = load_run_model(Path(run_dir), cfg)
+    m = cfg["model"]
+    model.export_spec = timm_spec(m["name"], **{k: m[k] for k in MODEL_KWARGS if m.get(k) is not None})
+    return model.eval()
 
 
 def detect_pipeline(run_dir: Path) -> tuple[str, str]:
@@ -717,9 +760,13 @@ def export_run(run_dir, out_file, dtype=torch.float16, index: str = "combo3", pi
 
 
 def summary_line(rep: dict) -> str:
-    return (f"{rep['file']}: {rep['file_bytes']:,} bytes; backbone {rep['bits_per_backbone_weight']} bits/weight "
+    line = (f"{rep['file']}: {rep['file_bytes']:,} bytes; backbone {rep['bits_per_backbone_weight']} bits/weight "
             f"= {rep['backbone_ratio_vs_fp32']}x vs FP32; whole model {rep['model_ratio_vs_fp32']}x vs FP32, "
             f"{rep['model_ratio_vs_fp16']}x vs FP16 ({rep['dtype']} non-backbone tensors)")
+    v = rep.get("verify")
+    if v:
+        line += "; reload: bit-exact" if v["bit_exact"] else f"; reload: max |diff| {v['max_abs_diff']:.3g}"
+    return line
 
 
 def main(argv=None) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Iterable
 
 import torch
@@ -105,7 +106,7 @@ def calibrate(model: nn.Module, batches: Iterable, percentile: float | None = No
                 break
             if forward is not None:
                 forward(model, batch)
-            elif isinstance(batch, dict):
+            elif isinstance(batch, Mapping):  # dicts and HF BatchEncoding
                 model(**batch)
             elif isinstance(batch, (tuple, list)):
                 model(*batch)
