@@ -98,6 +98,20 @@ def run_stage(pipeline: str, scale: str, stage: str, log_dir: Path) -> tuple[int
     return rc, time.time() - t0
 
 
+def export_if_quantized(cfg: dict, pipeline: str) -> None:
+    """Packed 4-bit checkpoint + compression.json (real bytes) for the results table's compression columns."""
+    comp = cfg.get("compression") or {}
+    run = Path(cfg["output_dir"])
+    if comp.get("w_bits", 4) >= 32 or not cfg.get("compression") or not (run / "metrics.json").exists():
+        return
+    if (run / "compression.json").exists() and (run / "compression.json").stat().st_mtime >= \
+            (run / "metrics.json").stat().st_mtime:
+        return
+    rc = subprocess.call([sys.executable, "-m", "common.export", str(run), str(run / "model.c16.safetensors"),
+                          "--pipeline", pipeline], cwd=ROOT)
+    print(f"[reproduce] {pipeline}/{cfg['stage']}: export {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=["mini", "paper"], default="mini")
@@ -122,6 +136,7 @@ def main(argv=None) -> int:
             cfg = resolved(p, a.scale, stage)
             if not a.force and is_done(cfg):
                 print(f"[reproduce] {a.scale}/{p}/{stage}: done earlier, skipped ({cfg['output_dir']})", flush=True)
+                export_if_quantized(cfg, p)
                 continue
             print(f"[reproduce] {a.scale}/{p}/{stage}: running ...", flush=True)
             rc, secs = run_stage(p, a.scale, stage, Path(a.runs_dir))
@@ -129,6 +144,8 @@ def main(argv=None) -> int:
             print(f"[reproduce] {a.scale}/{p}/{stage}: {status} in {secs / 60:.1f} min", flush=True)
             if rc != 0:
                 failed.append(f"{p}/{stage}")
+            else:
+                export_if_quantized(cfg, p)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"
