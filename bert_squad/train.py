@@ -8,7 +8,6 @@ Stages (configs/*.yaml): fp -> sparse -> qat4 (W4A4 + 2:4), qat4_dense (W4A4) an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,11 +18,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer,  # noqa: E402
-                          DataCollatorWithPadding, TrainingArguments, default_data_collator)
-from transformers.training_args import ParallelMode  # noqa: E402
+                          DataCollatorWithPadding, default_data_collator)
 
 from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
-from common.hf import InterruptCallback, ScheduledDropoutCallback  # noqa: E402
+from common.hf import InterruptCallback, ScheduledDropoutCallback, training_arguments as training_args  # noqa: E402
 from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -85,24 +83,6 @@ def model_builder(cfg: dict):
     if cfg.get("from_config"):  # tests: a tiny randomly initialised model from a config file, no weights
         return lambda: AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(path, **kw))
     return lambda: AutoModelForQuestionAnswering.from_pretrained(path, **kw)
-
-
-def training_args(cfg: dict, out_dir: Path) -> TrainingArguments:
-    kw = dict(cfg["train"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # Multi-process launch (torchrun) on a machine without an accelerator: unless use_cpu is set, Accelerate
-        # starts the gloo group and shards the batches but leaves distributed_type NO, so the model is not wrapped
-        # in DDP and every rank trains alone on its shard (no gradient all-reduce). use_cpu selects MULTI_CPU + DDP.
-        kw.setdefault("use_cpu", True)
-    try:
-        args = TrainingArguments(output_dir=str(out_dir), **kw)
-    except TypeError as e:
-        raise ConfigError(f"{cfg['config_file']}: bad key under 'train' (TrainingArguments): {e}") from None
-    if args.world_size > 1 and args.parallel_mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
-        raise ConfigError(f"{cfg['config_file']}: {args.world_size} processes but no DDP (parallel mode "
-                          f"{args.parallel_mode.value}): the ranks would train independently; on CPU set "
-                          f"train.use_cpu=true")
-    return args
 
 
 def collator(cfg, tokenizer):

@@ -2,7 +2,13 @@
 scheduled dropout as a callback (no patching of the Trainer or the optimizer)."""
 from __future__ import annotations
 
-from transformers import Trainer, TrainerCallback
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import ParallelMode
+
+from .config import ConfigError
 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
@@ -63,3 +69,22 @@ class CompressionTrainer(Trainer):
         mask = self.kd_mask_fn(model, inputs, outputs) if self.kd_mask_fn else None
         loss = self.distiller(task_loss, outputs, teacher_out, mask)
         return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(cfg: dict, out_dir) -> TrainingArguments:
+    """TrainingArguments from the config's `train` section, with DDP guaranteed under a multi-process launch."""
+    kw = dict(cfg["train"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Multi-process launch (torchrun) on a machine without an accelerator: unless use_cpu is set, Accelerate
+        # starts the gloo group and shards the batches but leaves distributed_type NO, so the model is not wrapped
+        # in DDP and every rank trains alone on its shard (no gradient all-reduce). use_cpu selects MULTI_CPU + DDP.
+        kw.setdefault("use_cpu", True)
+    try:
+        args = TrainingArguments(output_dir=str(out_dir), **kw)
+    except TypeError as e:
+        raise ConfigError(f"{cfg['config_file']}: bad key under 'train' (TrainingArguments): {e}") from None
+    if args.world_size > 1 and args.parallel_mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
+        raise ConfigError(f"{cfg['config_file']}: {args.world_size} processes but no DDP (parallel mode "
+                          f"{args.parallel_mode.value}): the ranks would train independently; on CPU set "
+                          f"train.use_cpu=true")
+    return args

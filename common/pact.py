@@ -61,7 +61,8 @@ class ActQuantizer(nn.Module):
         self.bits, self.method, self.zero_preserving = bits, method, zero_preserving
         learn = method in ("pact", "pact+")
         lo, hi = init_range if signed is not False else (0.0, init_range[1])
-        self.lo = nn.Parameter(torch.tensor(float(lo)), requires_grad=learn)
+        # one-sided: lo is fixed at 0 and gets no gradient (marked so DDP does not wait for one)
+        self.lo = nn.Parameter(torch.tensor(float(lo)), requires_grad=learn and signed is not False)
         self.hi = nn.Parameter(torch.tensor(float(hi)), requires_grad=learn)
         # persisted, so a reloaded model quantizes exactly as the trained one
         self.register_buffer("signed", torch.tensor(True if signed is None else bool(signed)))
@@ -96,6 +97,8 @@ class ActQuantizer(nn.Module):
         self._obs = None
         if not self.fixed_sign:
             self.signed.fill_(bool(mn < 0))
+            if isinstance(self.lo, nn.Parameter):
+                self.lo.requires_grad_(self.method != "minmax" and bool(self.signed))
         hi = max(float(s_hi / n), 1e-4)
         lo = min(float(s_lo / n), 0.0) if bool(self.signed) else 0.0
         if lo >= hi:
