@@ -96,6 +96,12 @@ def parse_overrides(pairs: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     cfg = load_yaml_config(path)
     if overrides:
+        for pair in overrides:
+            top, dot, rest = pair.split("=", 1)[0].lstrip("-").partition(".")
+            # `compression.w_bits=8` on a full-precision stage would silently build a default W4A4+2:4 recipe
+            if dot and top in cfg and cfg[top] is None:
+                raise ConfigError(f"command line: '{top}' is null in {path}, so '{top}.{rest}=...' has nothing to "
+                                  f"change; set the whole section, e.g. {top}='{{w_bits: 8}}'")
         cfg = _merge(cfg, parse_overrides(overrides), "command line")
     cfg["config_file"] = str(path)
     return cfg

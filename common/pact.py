@@ -121,3 +121,16 @@ class ActQuantizer(nn.Module):
             v = getattr(self, name).detach().clone()
             delattr(self, name)
             self.register_buffer(name, v)
+
+
+def fix_one_sided_clips(model: nn.Module) -> int:
+    """A one-sided quantizer's lower clip is fixed at 0 and never gets a gradient: mark it so (DDP with
+    find_unused_parameters=False would otherwise wait for it). Call after loading a checkpoint or a rank-0
+    broadcast changed `signed`. Returns how many were changed."""
+    n = 0
+    for q in model.modules():
+        if isinstance(q, ActQuantizer) and isinstance(q.lo, nn.Parameter) and q.lo.requires_grad \
+                and not bool(q.signed):
+            q.lo.requires_grad_(False)
+            n += 1
+    return n

@@ -97,6 +97,8 @@ def test_bad_inputs_fail_clearly(env, tmp_path):
     root, common = env
     with pytest.raises(ConfigError, match="learnin_rate"):
         run("fp", common, "train.learnin_rate=1", f"output_dir={tmp_path / 'a'}")
+    with pytest.raises(ConfigError, match="'compression' is null"):
+        run("fp", common, "compression.w_bits=8", f"output_dir={tmp_path / 'd'}")
     with pytest.raises(RunError, match="init_from"):
         run("sparse", common, f"init_from={tmp_path / 'nope'}", f"output_dir={tmp_path / 'b'}")
     busy = tmp_path / "busy"

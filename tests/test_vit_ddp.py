@@ -1,0 +1,73 @@
+"""vit_imagenet/train.py under torchrun (2 CPU processes, gloo): a W4A4 + 2:4 stage from a random init, so the ranks
+start from different weights and masks and only the broadcast from rank 0 makes them agree; then a DistributedSampler
+epoch, KD off, a checkpoint with every rank's RNG state, and eval.py (one process) reproducing the sharded top-1."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from common import check_nm
+from vit_imagenet import eval as vit_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def _tiny_tree(root, n_train=8, n_val=4, classes=10):
+    """Noise images in digit_<c> folders: only the mechanics are tested here."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            (root / split / f"digit_{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+                    root / split / f"digit_{c}" / f"{i}.png")
+
+
+def test_torchrun_two_processes(tmp_path):
+    digits = tmp_path / "digits"
+    _tiny_tree(digits)
+    out = tmp_path / "run"
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "vit_imagenet.train", "--config", str(ROOT / "vit_imagenet/configs/mini/qat4.yaml"),
+           f"output_dir={out}", "init_from=null", "kd.enabled=false", f"data.data_dir={digits}",
+           "data.make_mini_digits=false", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+           "data.train_subset=64", "data.val_subset=37", "train.batch_size=8", "train.global_batch_size=16",
+           "train.grad_accum_steps=null", "train.max_steps=6", "train.log_every=2", "train.eval_every=3",
+           "train.save_every=3", "train.keep_checkpoint=true", "compression.calib_batches=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        output, _ = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its two workers
+        output, _ = p.communicate()
+        pytest.fail("torchrun timed out:\n" + output[-3000:])
+    assert p.returncode == 0, output[-5000:]
+    assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["global_batch_size"] == 16 and m["train_steps"] == 6
+    assert m["eval_samples"] == 37  # sharded without padding: every image counted once
+    state = load_file(str(out / "model.safetensors"))
+    masks = [k for k in state if k.endswith(".mask")]
+    assert len(masks) == 8 and all(check_nm(state[k], 2, 4) for k in masks)
+    assert all(not state[k[:-5] + ".weight"][~state[k]].any() for k in masks)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 3 and len(ckpt["rng_per_rank"]) == 2
+    assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])
+    again = vit_eval.main([str(out), "--out_dir", str(tmp_path / "ev")])
+    assert again["top1"] == m["top1"] and again["top5"] == m["top5"]

@@ -1,0 +1,105 @@
+"""Evaluate a saved vit_imagenet run: rebuild the model from RUN_DIR/config.yaml, prepare it with the run's recipe,
+load RUN_DIR/model.safetensors strictly (weights, 2:4 masks, activation clips), and write metrics.json and
+predictions.csv (into RUN_DIR, or --out_dir).
+
+    python -m vit_imagenet.eval RUN_DIR [--data_dir DIR] [--out_dir DIR] [key=value ...]
+    vit_imagenet/eval.sh RUN_DIR [...]                                     # the same
+    torchrun --nproc_per_node 8 -m vit_imagenet.eval RUN_DIR               # sharded over GPUs
+
+The train_steps / train_runtime_s of an existing metrics.json in the output dir are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from common import prepare  # noqa: E402
+from common.config import ConfigError, load_config  # noqa: E402
+from common.recipe import RecipeError  # noqa: E402
+from common.runs import RunError, load_state, stage_metrics, write_json  # noqa: E402
+from common.stage import stage_recipe  # noqa: E402
+
+from vit_imagenet.pipeline import (PIPELINE, Dist, build_data, channels_last, create_model, evaluate,  # noqa: E402
+                                   log, stage_cfg_for_metrics, write_predictions)
+
+
+def load_run_model(run_dir: Path, cfg: dict) -> torch.nn.Module:
+    """The architecture of the run (no download: the weights come from the run), prepared with its recipe, with
+    model.safetensors loaded strictly."""
+    model = create_model(cfg, pretrained=False)
+    recipe = stage_recipe(cfg)
+    if recipe is not None:
+        prepare(model, recipe)  # masks computed here are replaced by the saved ones
+    state = load_state(run_dir, "model")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RunError(f"{run_dir}: model.safetensors does not match the model of its config.yaml: {e}") from None
+    return model
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a vit_imagenet run dir (config.yaml + model.safetensors)")
+    ap.add_argument("--data_dir", default=None, help="override data.data_dir of the run's config")
+    ap.add_argument("--out_dir", default=None, help="where metrics.json and predictions.csv go (default RUN_DIR)")
+    ap.add_argument("overrides", nargs="*",
+                    help="key=value overrides of the run's config (e.g. data.eval_batch_size=64)")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir}: no config.yaml; is this a vit_imagenet run dir?")
+    overrides = list(a.overrides) + ([f"data.data_dir={a.data_dir}"] if a.data_dir else [])
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    threads = torch.get_num_threads()
+    if cfg["train"].get("num_threads"):
+        torch.set_num_threads(int(cfg["train"]["num_threads"]))
+    d = Dist(cfg["train"].get("device", "auto"))
+    try:
+        model = load_run_model(run_dir, cfg).to(d.device)
+        if channels_last(cfg, d):
+            model.to(memory_format=torch.channels_last)
+        data = build_data(cfg, model, d, need_train=False)
+        ev = evaluate(model, data["val"], cfg, d, predictions=True)
+        out_dir = Path(a.out_dir) if a.out_dir else run_dir
+        out = {"top1": ev["top1"], "top5": ev["top5"]}
+        if d.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            old = {}
+            if (out_dir / "metrics.json").is_file():
+                old = json.loads((out_dir / "metrics.json").read_text())
+            elif (run_dir / "metrics.json").is_file():
+                old = json.loads((run_dir / "metrics.json").read_text())
+            extra = {"top1": ev["top1"], "top5": ev["top5"], "eval_loss": ev["loss"], "eval_samples": ev["samples"],
+                     "evaluated_by": "vit_imagenet.eval", "eval_data_dir": cfg["data"]["data_dir"]}
+            for k in ("global_batch_size", "world_size", "epochs"):
+                if k in old:
+                    extra[k] = old[k]
+            out = stage_metrics(stage_cfg_for_metrics(cfg), model, PIPELINE, "top1", True, extra,
+                                old.get("train_steps", 0), old.get("train_runtime_s", 0.0))
+            write_json(out_dir / "metrics.json", out)
+            write_predictions(out_dir / "predictions.csv", ev, data)
+        log(f"{run_dir}: top-1 {ev['top1']:.2f} top-5 {ev['top5']:.2f} on {ev['samples']} images "
+            f"({time.time() - t0:.1f}s)", d)
+        return out
+    finally:
+        d.close()
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, RunError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
