@@ -1,4 +1,4 @@
-"""Bit packing of the compressed checkpoint (common/FORMAT.md): 4-bit codes two per byte, and the positions of
+"""Bit packing of the compressed checkpoint (format in common/README.md): 4-bit codes two per byte, and the positions of
 an N:M mask as a compact index. Pure functions on NumPy arrays / torch tensors, all little-endian in bits:
 
 * nibbles: value 2i in the low nibble (bits 0-3) of byte i, value 2i+1 in the high nibble (bits 4-7); each nibble
