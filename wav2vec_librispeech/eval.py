@@ -1,0 +1,79 @@
+"""Re-evaluate a saved wav2vec_librispeech run (compressed ones included): rebuild the model from the run's own
+config.yaml and config.json, prepare it with the run's recipe, load its weights strictly, and rewrite metrics.json
+and predictions_<split>.jsonl with the same keys as training wrote (greedy CTC decoding, no language model).
+
+    python -m wav2vec_librispeech.eval RUN_DIR [key=value ...]   # e.g. data.librispeech_root=/data/LibriSpeech
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor  # noqa: E402
+
+from common import prepare  # noqa: E402
+from common.config import _merge, parse_overrides  # noqa: E402
+from common.runs import RunError, load_state  # noqa: E402
+from common.stage import stage_recipe  # noqa: E402
+
+from wav2vec_librispeech.train import finish_run, load_data, make_trainer, summary_line, training_args  # noqa: E402
+
+
+def load_run(run_dir: Path, overrides: list[str] | None = None):
+    """(cfg, model, processor) of a finished run: architecture from its config.json, weights from its file."""
+    import yaml
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "command line")
+    if not (run_dir / "config.json").exists():
+        raise RunError(f"{run_dir}: no config.json (the run did not finish; resume it with resume=true)")
+    model = Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(run_dir))
+    recipe = stage_recipe(cfg)
+    if recipe is not None:
+        prepare(model, recipe)
+    state = load_state(run_dir, "trained model")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(f"{run_dir}: saved weights do not match the recipe in config.yaml: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    return cfg, model.eval(), Wav2Vec2Processor.from_pretrained(run_dir)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg, model, processor = load_run(a.run_dir, a.overrides)
+    if cfg.get("torch_threads"):
+        import torch
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    _, eval_sets, info = load_data(cfg, need_train=False)
+    cfg["train"]["report_to"] = "none"
+    args = training_args(cfg, a.run_dir)
+    trainer = make_trainer(cfg, model, args, processor, None, eval_sets)
+    prev = {}
+    if (a.run_dir / "metrics.json").exists():
+        prev = json.loads((a.run_dir / "metrics.json").read_text())
+    # training-side facts (data counts, CPU time) are kept from the training run's metrics.json
+    keep = {k: prev[k] for k in ("train_utterances", "train_dropped_too_long", "train_hours", "max_train_seconds",
+                                 "global_batch_size", "train_cpu_s") if k in prev}
+    out = finish_run(cfg, a.run_dir, trainer, model, None, prev.get("train_steps", 0),
+                     prev.get("train_runtime_s", 0.0), {**keep, **info},
+                     rewrite_training_files=not (a.run_dir / "log_history.json").exists())
+    print(f"{summary_line(cfg, out)} -> {a.run_dir}/metrics.json")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Trainer for wav2vec2 CTC: KD from common (masked to valid frames), length-grouped training batches that are
+deterministic per epoch, and an evaluation that decodes greedily (no language model) and scores WER/CER."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common.hf import CompressionTrainer
+
+from .ctc_text import BLANK_ID, build_vocab, cer, greedy_ctc_decode, wer
+from .data import CTCCollator, LengthGroupedEpochSampler, kd_frame_mask
+
+
+def argmax_ids(logits, labels):
+    """preprocess_logits_for_metrics: keep the best-path ids, not [B, T, V] float logits (memory)."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+class CTCTrainer(CompressionTrainer):
+    def __init__(self, *args, eval_sets: dict | None = None, **kwargs):
+        kwargs.setdefault("kd_mask_fn", kd_frame_mask)
+        kwargs.setdefault("preprocess_logits_for_metrics", argmax_ids)
+        super().__init__(*args, **kwargs)
+        self.eval_sets = dict(eval_sets or {})
+        self.id_to_char = {i: t for t, i in build_vocab().items()}
+        self.last_predictions: dict[str, list[dict]] = {}
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths"):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedEpochSampler(ds.lengths, self.args.per_device_train_batch_size, seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # predictions must come back in dataset order (ids, references): never length-grouped here
+        if self.args.world_size <= 1:
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return None  # accelerate shards sequentially; gather_for_metrics restores the order
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        compute_metrics, self.compute_metrics = self.compute_metrics, None
+        collator, self.data_collator = self.data_collator, CTCCollator(with_labels=False)  # no loss, no teacher
+        t0 = time.time()
+        try:
+            out = self.evaluation_loop(self.get_eval_dataloader(ds), description="Evaluation",
+                                       prediction_loss_only=False, ignore_keys=ignore_keys,
+                                       metric_key_prefix=metric_key_prefix)
+        finally:
+            self.compute_metrics, self.data_collator = compute_metrics, collator
+        ids = out.predictions[: len(ds)]
+        model = self.accelerator.unwrap_model(self.model)
+        frames = model._get_feat_extract_output_lengths(torch.tensor(ds.lengths, dtype=torch.long))
+        hyps = greedy_ctc_decode(torch.as_tensor(ids), BLANK_ID, self.id_to_char, lengths=frames)
+        refs = ds.texts
+        self.last_predictions[metric_key_prefix] = [
+            {"id": i, "reference": r, "hypothesis": h} for i, r, h in zip(ds.ids, refs, hyps)]
+        p = metric_key_prefix
+        metrics = {f"{p}_wer": 100.0 * wer(refs, hyps), f"{p}_cer": 100.0 * cer(refs, hyps), f"{p}_samples": len(ds)}
+        metrics[f"{p}_runtime"] = round(time.time() - t0, 3)
+        if self.args.should_log:
+            self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
