@@ -25,8 +25,9 @@ def test_done_only_with_metrics_and_same_config(tmp_path, monkeypatch):
     assert not reproduce.is_done(changed)
 
 
-def test_paper_scale_lists_what_is_missing(monkeypatch, capsys):
+def test_paper_scale_lists_what_is_missing(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(reproduce, "hub_reachable", lambda name, kind: False)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))  # main() sets RUNS_DIR for its subprocesses; undone after the test
     problems = reproduce.missing_inputs("bert_squad", "paper")
     assert any("'bert-base-uncased'" in p for p in problems)
     assert any("'squad'" in p for p in problems)
