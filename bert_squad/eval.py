@@ -16,33 +16,16 @@ if str(ROOT) not in sys.path:
 
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
 
-from common.config import ConfigError, _merge, parse_overrides, save_config  # noqa: E402
-from common.runs import RunError, load_into, load_state  # noqa: E402
-from common.stage import stage_recipe  # noqa: E402
-from common import prepare  # noqa: E402
+from common.stage import load_hf_run  # noqa: E402
 
 from bert_squad.train import finish_run, load_data, make_trainer, training_args  # noqa: E402
 
 
 def load_run(run_dir: Path, overrides: list[str] | None = None):
     """(cfg, model, tokenizer) of a finished run: architecture from its config.json, weights from its file."""
-    import yaml
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_file.read_text())
-    if overrides:
-        cfg = _merge(cfg, parse_overrides(overrides), "command line")
-    model = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(run_dir))
-    recipe = stage_recipe(cfg)
-    if recipe is not None:
-        prepare(model, recipe)
-    state = load_state(run_dir, "trained model")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RunError(f"{run_dir}: saved weights do not match the recipe in config.yaml: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
-    return cfg, model.eval(), AutoTokenizer.from_pretrained(run_dir)
+    cfg, model = load_hf_run(run_dir, lambda d: AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(d)),
+                             overrides)
+    return cfg, model, AutoTokenizer.from_pretrained(run_dir)
 
 
 def main(argv=None) -> dict:

@@ -66,3 +66,29 @@ def build_distiller(cfg: dict, build_model: Callable[[], nn.Module]) -> Distilla
     load_into(teacher, state, str(src))
     return DistillationLoss(teacher, lam=float(kd.get("lambda", 0.5)), temperature=float(kd.get("temperature", 2.0)),
                             hidden_weight=float(kd.get("hidden_weight", 0.0)))
+
+
+def load_hf_run(run_dir, build_from_dir: Callable[[Path], nn.Module], overrides: list[str] | None = None):
+    """(cfg, model) of a finished Hugging Face run: architecture from its config.json (via `build_from_dir`),
+    prepared with the recipe in its config.yaml, weights loaded strictly from its model file."""
+    import yaml
+    from .config import _merge, parse_overrides
+    from .prepare import prepare
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "command line")
+    if not (run_dir / "config.json").exists():
+        raise RunError(f"{run_dir}: no config.json (the run did not finish; resume it with resume=true)")
+    model = build_from_dir(run_dir)
+    recipe = stage_recipe(cfg)
+    if recipe is not None:
+        prepare(model, recipe)
+    missing, unexpected = model.load_state_dict(load_state(run_dir, "trained model"), strict=False)
+    if missing or unexpected:
+        raise RunError(f"{run_dir}: saved weights do not match the recipe in config.yaml: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    return cfg, model.eval()

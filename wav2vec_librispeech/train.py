@@ -25,6 +25,7 @@ from transformers import (TrainingArguments, Wav2Vec2Config, Wav2Vec2FeatureExtr
 
 from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
 from common.hf import InterruptCallback, ScheduledDropoutCallback  # noqa: E402
+from common.hf import training_arguments as training_args  # noqa: E402
 from common.runs import prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -154,13 +155,6 @@ def make_processor(out_dir: Path, sampling_rate: int) -> Wav2Vec2Processor:
     fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True,
                                   return_attention_mask=True)
     return Wav2Vec2Processor(feature_extractor=fe, tokenizer=make_tokenizer(str(out_dir)))
-
-
-def training_args(cfg: dict, out_dir: Path) -> TrainingArguments:
-    try:
-        return TrainingArguments(output_dir=str(out_dir), **cfg["train"])
-    except TypeError as e:
-        raise ConfigError(f"{cfg['config_file']}: bad key under 'train' (TrainingArguments): {e}") from None
 
 
 def check_global_batch(cfg: dict, args: TrainingArguments) -> int:
