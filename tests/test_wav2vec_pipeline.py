@@ -207,3 +207,13 @@ def test_mini_corpus_is_synthesized_once(tmp_path):
     stamp = params.stat().st_mtime_ns
     w2v_train.ensure_mini_data(d)  # same parameters: nothing is rebuilt
     assert params.stat().st_mtime_ns == stamp
+
+
+def test_evaluate_only_fp_saves_a_usable_checkpoint(env):
+    """Paper-scale fp: num_train_epochs 0 evaluates the (already fine-tuned) model and saves it as the FP run."""
+    root, args = env
+    out = run("fp", args, "train.max_steps=-1", "train.num_train_epochs=0", f"output_dir={root / 'fp0'}")
+    assert out["train_steps"] == 0 and all(k in out for k in METRIC_KEYS)
+    assert (root / "fp0" / "model.safetensors").exists() and (root / "fp0" / "predictions_test_other.jsonl").exists()
+    _, model, processor = w2v_eval.load_run(root / "fp0")
+    assert processor.tokenizer.pad_token_id == 0 and model.config.vocab_size == 32
