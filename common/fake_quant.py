@@ -25,12 +25,26 @@ def weight_step(clip: torch.Tensor, bits: int, zero_preserving: bool) -> torch.T
 def fq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """(clamp(round(x/scale) + zp, qmin, qmax) - zp) * scale, per tensor (scalar scale) or per row (scale [C, 1]).
 
-    Uses PyTorch's fused kernels, which are also the reference the tests compare against bit-exactly.
+    Bit-identical to torch.fake_quantize_per_{tensor,channel}_affine (x * (1/scale), round half to even; the tests
+    compare against them). Without autograd it runs as four in-place passes over one buffer, which measured ~3x
+    faster than those kernels on CPU (they dominated quantized inference); with autograd it calls them for
+    their straight-through gradient.
     """
-    if scale.dim() == 0 or scale.numel() == 1:
-        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zero_point.reshape(()).int(), qmin, qmax)
-    return torch.fake_quantize_per_channel_affine(
-        x, scale.reshape(-1).float(), zero_point.reshape(-1).int(), 0, qmin, qmax)
+    per_row = not (scale.dim() == 0 or scale.numel() == 1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        if not per_row:
+            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zero_point.reshape(()).int(),
+                                                         qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(
+            x, scale.reshape(-1).float(), zero_point.reshape(-1).int(), 0, qmin, qmax)
+    shape = (-1, *([1] * (x.dim() - 1))) if per_row else ()
+    s = scale.reshape(shape).float()
+    z = zero_point.reshape(shape).float()
+    # round(x/s) + z clamped to [qmin, qmax], minus z == round(x/s) clamped to [qmin - z, qmax - z]: exact in
+    # float (small integers), and two passes fewer
+    y = torch.mul(x.float(), 1.0 / s)
+    y.round_().clamp_(qmin - z, qmax - z).mul_(s)
+    return y.to(x.dtype)
 
 
 def quantize_weight(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserving: bool) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 One autograd.Function for the whole layer (instead of a chain of torch ops) keeps the QAT step close to the FP
 step: the backward reuses the quantized operands saved by the forward and needs no graph of its own.
-The mask is a buffer computed once by `prepare`; the forward multiplies by it and the weight gradient is masked,
-so the pruned weights stay exactly zero under any optimizer (AdamW, SGD+momentum+weight decay), by construction.
+The mask is a buffer computed once by `prepare`. The weight is stored already masked (at `prepare` and again after
+every `load_state_dict`) and its gradient is masked in the backward, so the pruned weights stay exactly zero under
+any optimizer whose update of a zero weight with zero gradient is zero (AdamW, SGD+momentum+weight decay): the
+forward can use the stored weight as it is, one pass over it fewer per step.
 """
 from __future__ import annotations
 
@@ -40,8 +42,7 @@ class WeightQuantSpec:
 class CompressedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, lo, hi, wspec, aspec):
-        w = weight if mask is None else weight * mask
-        wq = wspec(w) if wspec is not None else w
+        wq = wspec(weight) if wspec is not None else weight  # stored pre-masked (see the module docstring)
         if aspec is not None:
             xq, lo_eff, hi_eff = _act_forward(x, lo, hi, aspec[0], aspec[1])
         else:
@@ -73,6 +74,13 @@ class CompressedLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, g_lo, g_hi, None, None
 
 
+@torch.no_grad()
+def _remask(module, incompatible_keys=None):
+    """Keep the stored weight pruned whatever was loaded into it (a dense checkpoint, a resumed one)."""
+    if module.mask is not None:
+        module.weight.mul_(module.mask)
+
+
 class CompressedLinear(nn.Linear):
     """Drop-in nn.Linear (same parameter names) with N:M-masked, fake-quantized weights and quantized inputs."""
 
@@ -83,6 +91,7 @@ class CompressedLinear(nn.Linear):
         self.input_quant = input_quant
         self.nm = nm
         self.register_buffer("mask", None)
+        self.register_load_state_dict_post_hook(_remask)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, wspec, input_quant, nm, mask: torch.Tensor | None = None):

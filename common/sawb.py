@@ -18,7 +18,7 @@ def sawb_clip(w: torch.Tensor, bits: int, zero_preserving: bool, per_channel: bo
     2:4 mask are not part of the weight distribution the grid must cover). Given as a count per row (or total).
     """
     dims = (1,) if per_channel else None
-    absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().max()
+    absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else torch.stack(torch.aminmax(w)).abs().max()
     coeffs = SAWB_COEFFS.get((bits, zero_preserving))
     if coeffs is None:
         # No published coefficients for this width: min-max (choice; at 8 bits clipping matters little).
@@ -26,7 +26,7 @@ def sawb_clip(w: torch.Tensor, bits: int, zero_preserving: bool, per_channel: bo
     a, b = coeffs
     if dims is None:
         count = w.numel() if n_nonzero is None else n_nonzero
-        e2 = w.square().sum() / count
+        e2 = torch.linalg.vector_norm(w).square() / count  # one pass, no temporary (this runs every step)
         e1 = w.abs().sum() / count
     else:
         count = w.shape[1] if n_nonzero is None else n_nonzero

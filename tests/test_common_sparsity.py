@@ -59,3 +59,17 @@ def test_given_masks_are_used():
     model = common.prepare(lin, common.Recipe(quantize_attention=False, skip=[]), masks=masks)
     assert torch.equal(model[0].mask, masks["0"]) and torch.equal(model[2].mask, masks["2"])
     assert common.masks_of(model.state_dict()).keys() == {"0", "2"}
+
+
+def test_loading_dense_weights_keeps_the_stored_weight_pruned():
+    # the forward uses the stored weight as it is, so every load must re-apply the mask
+    model = common.prepare(_mlp(), common.Recipe(quantize_attention=False, skip=[]))
+    dense = {k: (torch.randn_like(v) if k.endswith("weight") else v) for k, v in model.state_dict().items()}
+    model.load_state_dict(dense)
+    for l in common.compressed_linears(model).values():
+        assert l.weight[~l.mask].eq(0).all() and l.weight[l.mask].ne(0).all()
+    model.eval()
+    x = torch.randn(4, 16)
+    lin = model[0]
+    expect = torch.nn.functional.linear(lin.input_quant(x), lin.effective_weight(), lin.bias)
+    assert torch.equal(lin(x), expect)
