@@ -30,9 +30,12 @@ reproduce: venv
 results: venv
 	$(VPY) results/make_results.py $(RUNS_DIR) --out results
 
+# CPU step-time and peak-memory ratios (run on a quiet machine), appended to results/benchmarks.jsonl, then
+# results/benchmarks.md rewritten from all the lines there
 bench: venv
-	$(VPY) benchmarks/bench_train_step.py --model bert
-	$(VPY) benchmarks/bench_train_step.py --model vit
+	$(VPY) benchmarks/bench_train_step.py --model bert --iters 10 --json results/benchmarks.jsonl
+	$(VPY) benchmarks/bench_train_step.py --model vit --iters 10 --json results/benchmarks.jsonl
+	$(VPY) benchmarks/report.py results/benchmarks.jsonl --out results/benchmarks.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,7 +1,11 @@
-"""Training-step time (and peak memory) of FP vs compressed recipes, measured in one run; prints ratios.
+"""Training-step time and peak memory of FP vs compressed recipes, measured in one run; prints ratios.
 
-    python benchmarks/bench_train_step.py --model bert --layers 2 --batch 2 --seq 384
-Ratios come from the same process, interleaved, so machine load affects all variants alike.
+    python benchmarks/bench_train_step.py --model bert --layers 2 --batch 2 --seq 384 [--json results/benchmarks.jsonl]
+Step times come from the same process, interleaved, so machine load affects all variants alike. Peak memory
+(`--memory`, on by default) runs each variant alone in a fresh child process and reads the kernel's peak
+resident set (VmHWM) minus the resident set before the model was built: model, teacher, gradients, optimizer
+state and activations of a full step (AdamW), without the interpreter and library baseline.
+`benchmarks/report.py` turns the JSON lines into results/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,6 +32,16 @@ VARIANTS = {
     "w4a4_2:4": dict(),
     "w4a4_2:4_kd": dict(),
 }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def build(model: str, layers: int):
@@ -64,6 +80,49 @@ def step_fn(model_kind, model, batch, distiller):
     loss.backward()
 
 
+def build_variant(args, name, base, batch, inplace=False):
+    kw = VARIANTS[name]
+    distiller = common.DistillationLoss(copy.deepcopy(base)) if name.endswith("_kd") else None
+    m = (base if inplace else copy.deepcopy(base)).train()
+    if kw is not None:
+        common.prepare(m, common.Recipe(**kw))
+        calib = {k: v for k, v in batch.items() if "positions" not in k and k != "y"}
+        common.calibrate(m, [calib if args.model == "bert" else calib["x"]])
+        m.train()
+    return m, distiller
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(args) -> None:
+    """Runs in a fresh process: one variant, a few full training steps (AdamW), prints its peak in MiB."""
+    torch.manual_seed(0)
+    batch = make_batch(args.model, args.batch, args.seq)
+    rss0 = _status_kib("VmRSS")
+    m, distiller = build_variant(args, args.memory_child, build(args.model, args.layers), batch, inplace=True)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        step_fn(args.model, m, batch, distiller)
+        opt.step()
+    print(json.dumps({"peak_mib": round((_status_kib("VmHWM") - rss0) / 1024, 1)}))
+
+
+def measure_memory(args) -> dict:
+    peaks = {}
+    for name in VARIANTS:
+        cmd = [sys.executable, __file__, "--model", args.model, "--layers", str(args.layers), "--batch",
+               str(args.batch), "--seq", str(args.seq), "--memory-child", name]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peaks
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["bert", "vit"], default="bert")
@@ -73,20 +132,17 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", type=str, default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory children")
+    ap.add_argument("--memory-child", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_child:
+        return memory_child(args)
     torch.manual_seed(0)
     base = build(args.model, args.layers)
     batch = make_batch(args.model, args.batch, args.seq)
     models, distillers = {}, {}
-    for name, kw in VARIANTS.items():
-        m = copy.deepcopy(base).train()
-        if kw is not None:
-            common.prepare(m, common.Recipe(**kw))
-            calib = {k: v for k, v in batch.items() if "positions" not in k and k != "y"}
-            common.calibrate(m, [calib if args.model == "bert" else calib["x"]])
-            m.train()
-        models[name] = m
-        distillers[name] = common.DistillationLoss(copy.deepcopy(base)) if name.endswith("_kd") else None
+    for name in VARIANTS:
+        models[name], distillers[name] = build_variant(args, name, base, batch)
     times = {n: [] for n in models}
     for it in range(args.warmup + args.iters):  # interleaved: each round times every variant once
         for n, m in models.items():
@@ -97,10 +153,15 @@ def main(argv=None):
                 times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
     res = {"model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
-           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "iters": args.iters, "threads": torch.get_num_threads(), "cpu": cpu_name(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "step_s": {n: round(v, 4) for n, v in med.items()},
            "ratio_vs_fp": {n: round(v / med["fp"], 3) for n, v in med.items()}}
+    if args.memory:
+        peaks = measure_memory(args)
+        res["peak_mib"] = peaks
+        res["peak_ratio_vs_fp"] = {n: round(v / peaks["fp"], 3) for n, v in peaks.items()}
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "a") as f:

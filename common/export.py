@@ -666,27 +666,17 @@ def load_hf_run(run_dir: Path) -> nn.Module:
     """Any Hugging Face run dir: the class from config.json's "architectures", the recipe from config.yaml,
     the prepared model's weights from model.safetensors (strict)."""
     import transformers
-    import yaml
-    from .runs import RunError, load_state
-    from .stage import stage_recipe
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists() or not (run_dir / "config.json").exists():
-        raise RunError(f"{run_dir}: not a Hugging Face run directory (needs config.yaml and config.json)")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    hf_cfg = json.loads((run_dir / "config.json").read_text())
-    arch = (hf_cfg.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise RunError(f"{run_dir}/config.json: no known 'architectures' entry ({arch!r})")
-    model = cls(transformers.AutoConfig.from_pretrained(run_dir))
-    recipe = stage_recipe(cfg)
-    if recipe is not None:
-        prepare(model, recipe)
-    missing, unexpected = model.load_state_dict(load_state(run_dir, "trained model"), strict=False)
-    if missing or unexpected:
-        raise RunError(f"{run_dir}: saved weights do not match the recipe in config.yaml: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
-    return model.eval()
+    from .runs import RunError
+    from .stage import load_hf_run as load_prepared
+
+    def build(d: Path) -> nn.Module:
+        arch = (json.loads((d / "config.json").read_text()).get("architectures") or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            raise RunError(f"{d}/config.json: no known 'architectures' entry ({arch!r})")
+        return cls(transformers.AutoConfig.from_pretrained(d))
+
+    return load_prepared(Path(run_dir), build)[1]
 
 
 @register_loader("wav2vec_librispeech")

@@ -117,6 +117,8 @@ def test_tables_plots_and_broken_runs(runs, tmp_path, capsys):
     assert abl["bert_squad"]["delta"] == "-2.5000" and abl["bert_squad"]["effect"] == "worse"
     # WER: lower is better, so +3 points is worse
     assert abl["wav2vec_librispeech"]["delta"] == "3.0000" and abl["wav2vec_librispeech"]["effect"] == "worse"
+    assert abl["bert_squad"]["shows_paper_effect"] == "yes"
+    assert "mini bert_squad: 1 of 1 ablations show the paper's effect" in (out / "ablations.md").read_text()
 
     md = (out / "main_table.md").read_text()
     assert "not** a reproduction" in md and "| mini | W4A4+2:4 |" in md

@@ -1,0 +1,38 @@
+"""The benchmark scripts: a real (tiny) measurement through both scripts, and bad records named."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_train_step  # noqa: E402
+import report  # noqa: E402
+
+
+def test_bench_measures_every_variant_and_report_renders(tmp_path):
+    jl = tmp_path / "b.jsonl"
+    res = bench_train_step.main(["--model", "bert", "--layers", "1", "--batch", "1", "--seq", "16", "--iters", "1",
+                                 "--warmup", "0", "--json", str(jl)])
+    variants = set(bench_train_step.VARIANTS)
+    assert set(res["step_s"]) == variants and res["ratio_vs_fp"]["fp"] == 1.0
+    assert all(v > 0 for v in res["step_s"].values())
+    assert set(res["peak_mib"]) == variants and all(v > 0 for v in res["peak_mib"].values())
+    # the KD variant holds a second (teacher) model: it must measure more than the student alone
+    assert res["peak_mib"]["w4a4_2:4_kd"] > res["peak_mib"]["w4a4_2:4"]
+    assert json.loads(jl.read_text().splitlines()[-1])["command"].startswith("python benchmarks/bench_train_step.py")
+    out = tmp_path / "b.md"
+    report.main([str(jl), "--out", str(out)])
+    md = out.read_text()
+    assert "## bert: 1 layers, batch 1 x seq 16" in md and "W4A4+2:4 +KD teacher" in md
+    assert f"| {res['step_s']['w4a4_2:4']:.3f} | {res['ratio_vs_fp']['w4a4_2:4']:.3f} |" in md
+    assert ("met" in md) or ("missed" in md)
+
+
+def test_report_names_a_broken_line(tmp_path):
+    jl = tmp_path / "b.jsonl"
+    jl.write_text('{"model": "bert"}\n')
+    with pytest.raises(SystemExit, match=r"b.jsonl:1: not a benchmark record"):
+        report.main([str(jl), "--out", str(tmp_path / "b.md")])
