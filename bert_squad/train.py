@@ -7,7 +7,6 @@ Stages (configs/*.yaml): fp -> sparse -> qat4 (W4A4 + 2:4), qat4_dense (W4A4) an
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch  # noqa: E402
 from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer,  # noqa: E402
                           DataCollatorWithPadding, default_data_collator)
 
-from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
-from common.hf import InterruptCallback, ScheduledDropoutCallback, training_arguments as training_args  # noqa: E402
+from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
+from common.hf import stage_callbacks, training_arguments as training_args  # noqa: E402
 from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -117,10 +116,7 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runti
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="stage YAML, e.g. bert_squad/configs/fp.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=5e-5")
-    a = ap.parse_args(argv)
+    a = stage_argv(argv, __doc__, PIPELINE, "train.learning_rate=5e-5")
     cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
     out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False))
     if is_main_process():
@@ -144,10 +140,7 @@ def main(argv=None) -> dict:
     resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
     model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume)
     distiller = build_distiller(cfg, build)
-    drop = cfg.get("dropout") or {}
-    callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0))]
-    if cfg.get("interrupt_at_step"):
-        callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
+    callbacks = stage_callbacks(cfg)
     trainer = make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller,
                            callbacks)
     if is_main_process():

@@ -5,6 +5,7 @@ Unknown keys are errors that name the key and the file, so a typo never silently
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 from pathlib import Path
@@ -133,3 +134,11 @@ def expand_paths(cfg: dict, pipeline: str) -> dict:
 
     # recipe values (regexes) are not paths: leave them alone
     return {k: (v if k == "compression" else fill(v)) for k, v in cfg.items()}
+
+
+def stage_argv(argv, doc: str, pipeline: str, override_example: str) -> argparse.Namespace:
+    """The command line every PIPELINE/train.py takes: `--config STAGE.yaml` and dotted key=value overrides."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help=f"stage YAML, e.g. {pipeline}/configs/qat4.yaml")
+    ap.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
+    return ap.parse_args(argv)

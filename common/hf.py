@@ -45,6 +45,15 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+def stage_callbacks(cfg: dict) -> list[TrainerCallback]:
+    """The callbacks of every HF stage: the config's dropout schedule, and the test-only interruption."""
+    drop = cfg.get("dropout") or {}
+    callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0))]
+    if cfg.get("interrupt_at_step"):
+        callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
+    return callbacks
+
+
 class CompressionTrainer(Trainer):
     """Trainer whose loss adds distillation from a frozen teacher when `distiller` is given.
 

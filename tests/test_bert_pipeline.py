@@ -13,6 +13,7 @@ from bert_squad.squad_data import minilm_path
 from common import check_nm, compressed_linears
 from common.config import ConfigError
 from common.runs import RunError
+from run_checks import assert_same_weights
 
 CFG = "bert_squad/configs/mini/{}.yaml"
 
@@ -86,11 +87,7 @@ def test_resume_is_bit_identical(env):
     run("qat4_dense", base, f"output_dir={root / 'cut'}", "interrupt_at_step=2")
     assert not (root / "cut" / "model.safetensors").exists() and (root / "cut" / "checkpoint-2").exists()
     run("qat4_dense", base, f"output_dir={root / 'cut'}", "resume=true")
-    a = load_file(str(root / "full" / "model.safetensors"))
-    b = load_file(str(root / "cut" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(root / "full", root / "cut")
 
 
 def test_bad_inputs_fail_clearly(env, tmp_path):

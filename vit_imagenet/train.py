@@ -16,7 +16,6 @@ it. On CPU with a fixed seed a resumed run ends bit-identical to an uninterrupte
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -36,7 +35,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from common import ScheduledDropout, compression_summary  # noqa: E402
 from common.pact import fix_one_sided_clips  # noqa: E402
-from common.config import ConfigError, save_config  # noqa: E402
+from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 from common.recipe import RecipeError  # noqa: E402
 from common.runs import (RunError, find_model_file, prepare_output_dir, save_weight_sample,  # noqa: E402
                          stage_metrics, write_json)
@@ -141,10 +140,7 @@ def save_model(path: Path, model: nn.Module, cfg: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------- main ---
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="stage YAML, e.g. vit_imagenet/configs/qat4.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.02")
-    a = ap.parse_args(argv)
+    a = stage_argv(argv, __doc__, PIPELINE, "train.lr=0.02")
     t_start, cpu_start = time.time(), time.process_time()
     cfg = load_stage_config(a.config, a.overrides)
     t = cfg["train"]

@@ -8,7 +8,6 @@ Evaluation: greedy CTC decoding (no language model), WER/CER (jiwer) on dev-clea
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -23,8 +22,8 @@ import torch  # noqa: E402
 from transformers import (TrainingArguments, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,  # noqa: E402
                           Wav2Vec2Processor)
 
-from common.config import ConfigError, expand_paths, load_config, save_config  # noqa: E402
-from common.hf import InterruptCallback, ScheduledDropoutCallback  # noqa: E402
+from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
+from common.hf import stage_callbacks  # noqa: E402
 from common.hf import training_arguments as training_args  # noqa: E402
 from common.runs import prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
@@ -211,10 +210,7 @@ def summary_line(cfg, out: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="stage YAML, e.g. wav2vec_librispeech/configs/fp.yaml")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-4")
-    a = ap.parse_args(argv)
+    a = stage_argv(argv, __doc__, PIPELINE, "train.learning_rate=1e-4")
     cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
     torch.manual_seed(cfg["train"].get("seed", 42))
     if cfg.get("torch_threads"):
@@ -250,10 +246,7 @@ def main(argv=None) -> dict:
     if cfg.get("freeze_feature_encoder", True):
         model.freeze_feature_encoder()  # the conv feature encoder is not trained (paper: fine-tuning recipe)
     distiller = build_distiller(cfg, build)
-    drop = cfg.get("dropout") or {}
-    callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0))]
-    if cfg.get("interrupt_at_step"):
-        callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
+    callbacks = stage_callbacks(cfg)
     trainer = make_trainer(cfg, model, args, processor, train_ds, eval_sets, distiller, callbacks)
     t0, c0 = time.time(), time.process_time()
     steps = 0

@@ -1,0 +1,15 @@
+"""Assertions on finished run directories, shared by the pipeline tests."""
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> dict:
+    """The two runs saved the same tensors, bit for bit (resume tests). Returns run_a's state dict."""
+    a = load_file(str(Path(run_a) / "model.safetensors"))
+    b = load_file(str(Path(run_b) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    return a
