@@ -35,6 +35,7 @@ results: venv
 bench: venv
 	$(VPY) benchmarks/bench_train_step.py --model bert --iters 10 --json results/benchmarks.jsonl
 	$(VPY) benchmarks/bench_train_step.py --model vit --iters 10 --json results/benchmarks.jsonl
+	$(VPY) benchmarks/bench_train_step.py --model wav2vec2 --iters 10 --json results/benchmarks.jsonl
 	$(VPY) benchmarks/report.py results/benchmarks.jsonl --out results/benchmarks.md
 
 clean-venv:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -26,6 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+
+# settings that change the timings, recorded with them
+ENV_RECORDED = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "LD_PRELOAD", "COMMON_COMPILE")
 
 VARIANTS = {
     "fp": None,
@@ -50,6 +54,16 @@ def build(model: str, layers: int):
         from transformers import BertConfig, BertForQuestionAnswering
         cfg = BertConfig(num_hidden_layers=layers, attn_implementation="sdpa")
         return BertForQuestionAnswering(cfg)
+    if model == "wav2vec2":
+        # Wav2vec2.0-large's transformer (the paper's model: layer-norm conv front end, stable layer norm), its
+        # feature encoder frozen as in CTC fine-tuning
+        from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+        cfg = Wav2Vec2Config(hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+                             intermediate_size=4096, feat_extract_norm="layer", do_stable_layer_norm=True,
+                             conv_bias=True, vocab_size=32, attn_implementation="sdpa")
+        m = Wav2Vec2ForCTC(cfg)
+        m.freeze_feature_encoder()
+        return m
     if model == "vit":
         import timm
         return timm.create_model("vit_base_patch16_224", pretrained=False, depth=layers, num_classes=1000)
@@ -63,16 +77,23 @@ def make_batch(model: str, batch: int, seq: int):
                     attention_mask=torch.ones(batch, seq, dtype=torch.long),
                     start_positions=torch.randint(0, seq, (batch,), generator=g),
                     end_positions=torch.randint(0, seq, (batch,), generator=g))
+    if model == "wav2vec2":  # `seq` frames of 20 ms (320 samples) each, 50 target characters
+        return dict(input_values=torch.randn(batch, seq * 320 + 80, generator=g),
+                    labels=torch.randint(1, 32, (batch, 50), generator=g))
     return dict(x=torch.randn(batch, 3, 224, 224, generator=g), y=torch.randint(0, 1000, (batch,), generator=g))
 
 
+def model_inputs(batch: dict) -> dict:
+    """The batch without its targets (what the teacher and calibration see)."""
+    return {k: v for k, v in batch.items() if "positions" not in k and k not in ("labels", "y")}
+
+
 def step_fn(model_kind, model, batch, distiller):
-    if model_kind == "bert":
+    if model_kind != "vit":
         out = model(**batch)
         loss = out.loss
         if distiller is not None:
-            t = distiller.teacher_outputs(**{k: v for k, v in batch.items() if "positions" not in k})
-            loss = distiller(loss, out, t)
+            loss = distiller(loss, out, distiller.teacher_outputs(**model_inputs(batch)))
     else:
         logits = model(batch["x"])
         loss = torch.nn.functional.cross_entropy(logits, batch["y"])
@@ -87,8 +108,8 @@ def build_variant(args, name, base, batch, inplace=False):
     m = (base if inplace else copy.deepcopy(base)).train()
     if kw is not None:
         common.prepare(m, common.Recipe(**kw))
-        calib = {k: v for k, v in batch.items() if "positions" not in k and k != "y"}
-        common.calibrate(m, [calib if args.model == "bert" else calib["x"]])
+        calib = model_inputs(batch)
+        common.calibrate(m, [calib["x"] if args.model == "vit" else calib])
         m.train()
     return m, distiller
 
@@ -145,10 +166,10 @@ def measure_memory(args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["bert", "vit"], default="bert")
+    ap.add_argument("--model", choices=["bert", "vit", "wav2vec2"], default="bert")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=384)
+    ap.add_argument("--seq", type=int, default=384, help="tokens (bert) or 20 ms frames (wav2vec2); vit: 224^2")
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", type=str, default=None, help="append the result as one JSON line to this file")
@@ -174,6 +195,8 @@ def main(argv=None):
     med = {n: statistics.median(v) for n, v in times.items()}
     res = {"model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
            "iters": args.iters, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+           "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
+           "compile": common.kernels.compile_mode(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "step_s": {n: round(v, 4) for n, v in med.items()},

@@ -34,7 +34,7 @@ def latest(recs: list[dict]) -> list[dict]:
     """The newest record per (model, shape, hardware): reruns replace older numbers, other machines add rows."""
     keep = {}
     for r in recs:
-        keep[(r["model"], r["layers"], r["batch"], r["seq"], r.get("cpu"))] = r
+        keep[(r["model"], r["layers"], r["batch"], r["seq"], r.get("cpu"), json.dumps(r.get("env", {})))] = r
     return sorted(keep.values(), key=lambda r: (r["model"], r["date"]))
 
 
@@ -58,9 +58,12 @@ def render(recs: list[dict], source: str) -> str:
            f"Goals: W4A4+2:4 step ≤ {GOALS['w4a4_2:4']:.2f}x FP, with the KD teacher ≤ "
            f"{GOALS['w4a4_2:4_kd']:.2f}x; peak memory of a QAT step ≤ {MEMORY_GOAL:.2f}x FP.", ""]
     for r in latest(recs):
-        shape = (f"batch {r['batch']} x seq {r['seq']}" if r["model"] == "bert" else f"batch {r['batch']} x 224²")
-        out += [f"## {r['model']}: {r['layers']} layers, {shape}", "",
-                f"Hardware: {r.get('cpu', '?')} · date: {r['date']} · {r.get('iters', '?')} timed iterations", "",
+        shape = {"bert": f"batch {r['batch']} x seq {r['seq']}", "vit": f"batch {r['batch']} x 224²",
+                 "wav2vec2": f"batch {r['batch']} x {r['seq']} frames ({r['seq'] * 0.02:.1f} s of audio)"}[r["model"]]
+        env = ", ".join(f"{k}={v}" for k, v in r.get("env", {}).items()) or "defaults"
+        out += [f"## {r['model']}: {r['layers']} layers, {shape}" + (f" ({env})" if r.get("env") else ""), "",
+                f"Hardware: {r.get('cpu', '?')} · date: {r['date']} · {r.get('iters', '?')} timed iterations · "
+                f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · environment: {env}", "",
                 f"Command: `{r.get('command', '?')}`", ""]
         peaks, pr = r.get("peak_mib", {}), r.get("peak_ratio_vs_fp", {})
         rows = ["| Variant | Step (s) | Step ratio vs FP | Goal | Peak memory (MiB) | Memory ratio vs FP | Goal |",

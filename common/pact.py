@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
 from .fake_quant import act_qparams, quantize_act
 
 
@@ -19,21 +20,11 @@ def _act_forward(x, lo, hi, bits, zero_preserving):
     return quantize_act(x, scale, zp, bits, zero_preserving), lo_eff, hi_eff
 
 
-def _masked_sum(g, m):
-    # CPU: boolean indexing reads only the (few) clipped entries, ~2x faster than a masked copy; on accelerators
-    # it would force a host sync (its size), so the masked sum stays a kernel there
-    return g[m].sum() if g.device.type == "cpu" else torch.where(m, g, 0).sum()
-
-
 def _act_backward(g, x, xq, lo_eff, hi_eff, signed, plus):
     """Gradients w.r.t. (x, lo, hi) of the STE. Shared by the standalone and the fused linear Functions."""
-    above = x > hi_eff
-    below = x < lo_eff
-    gx = g.masked_fill(above | below, 0)
-    g_hi = _masked_sum(g, above)
-    g_lo = _masked_sum(g, below) if signed else None
+    gx, g_lo, g_hi, r = kernels.ste_backward(g, x, lo_eff, hi_eff, xq if plus else None, signed)
     if plus:  # rounding residual (xq - x)/(hi - lo): d xq / d hi inside the range (LSQ-like), minus that for lo
-        r = ((xq - x) * gx).sum() / (hi_eff - lo_eff)
+        r = r / (hi_eff - lo_eff)
         g_hi = g_hi + r
         if signed:
             g_lo = g_lo - r
@@ -75,6 +66,7 @@ class ActQuantizer(nn.Module):
         self.fixed_sign = signed is not None
         self.observing = False
         self._obs = None
+        self.register_load_state_dict_post_hook(_sync_after_load)
 
     def extra_repr(self):
         return f"bits={self.bits}, method={self.method}, zero_preserving={self.zero_preserving}, " \
@@ -103,8 +95,7 @@ class ActQuantizer(nn.Module):
         self._obs = None
         if not self.fixed_sign:
             self.signed.fill_(bool(mn < 0))
-            if isinstance(self.lo, nn.Parameter):
-                self.lo.requires_grad_(self.method != "minmax" and bool(self.signed))
+            _sync_lo_trainable(self)
         hi = max(float(s_hi / n), 1e-4)
         lo = min(float(s_lo / n), 0.0) if bool(self.signed) else 0.0
         if lo >= hi:
@@ -129,14 +120,23 @@ class ActQuantizer(nn.Module):
             self.register_buffer(name, v)
 
 
+def _sync_lo_trainable(q: ActQuantizer) -> bool:
+    """lo is trained exactly when the quantizer is two-sided (and its clips are trained at all): after calibration,
+    and after loading a state (a resumed checkpoint), so that the trainable parameters match the run that saved
+    it (its optimizer state, and DDP without find_unused_parameters, rely on that). Returns whether it changed."""
+    if not isinstance(q.lo, nn.Parameter) or q.fixed_sign or q.method == "minmax" or not q.hi.requires_grad:
+        return False
+    want = bool(q.signed)
+    changed = q.lo.requires_grad != want
+    q.lo.requires_grad_(want)
+    return changed
+
+
+def _sync_after_load(module, incompatible_keys=None):
+    _sync_lo_trainable(module)
+
+
 def fix_one_sided_clips(model: nn.Module) -> int:
-    """A one-sided quantizer's lower clip is fixed at 0 and never gets a gradient: mark it so (DDP with
-    find_unused_parameters=False would otherwise wait for it). Call after loading a checkpoint or a rank-0
-    broadcast changed `signed`. Returns how many were changed."""
-    n = 0
-    for q in model.modules():
-        if isinstance(q, ActQuantizer) and isinstance(q.lo, nn.Parameter) and q.lo.requires_grad \
-                and not bool(q.signed):
-            q.lo.requires_grad_(False)
-            n += 1
-    return n
+    """Sync every quantizer's trainable lo with its `signed` flag (see `_sync_lo_trainable`); call after something
+    other than load_state_dict changed `signed`, e.g. a rank-0 broadcast. Returns how many were changed."""
+    return sum(_sync_lo_trainable(q) for q in model.modules() if isinstance(q, ActQuantizer))

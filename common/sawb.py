@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 # Published 4-bit coefficients (a, b) for the plain 16-level grid and for the zero-aligned 15-level grid.
 SAWB_COEFFS = {(4, False): (12.68, -12.80), (4, True): (12.035, -12.03)}
 
@@ -17,27 +19,21 @@ def sawb_clip(w: torch.Tensor, bits: int, zero_preserving: bool, per_channel: bo
     `n_nonzero`: statistics over the kept weights only when the tensor holds pruned zeros (choice: the zeros of a
     2:4 mask are not part of the weight distribution the grid must cover). Given as a count per row (or total).
     """
-    dims = (1,) if per_channel else None
-    absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else torch.stack(torch.aminmax(w)).abs().max()
+    sum_sq, sum_abs, absmax = kernels.abs_moments(w, per_channel)  # one pass: this runs every step, per weight
     coeffs = SAWB_COEFFS.get((bits, zero_preserving))
     if coeffs is None:
         # No published coefficients for this width: min-max (choice; at 8 bits clipping matters little).
         return absmax
     a, b = coeffs
-    if dims is None:
-        count = w.numel() if n_nonzero is None else n_nonzero
-        e2 = torch.linalg.vector_norm(w).square() / count  # one pass, no temporary (this runs every step)
-        e1 = w.abs().sum() / count
-    else:
-        count = w.shape[1] if n_nonzero is None else n_nonzero
-        e2 = w.square().sum(dim=1, keepdim=True) / count
-        e1 = w.abs().sum(dim=1, keepdim=True) / count
+    count = (w.shape[1] if per_channel else w.numel()) if n_nonzero is None else n_nonzero
+    e2 = sum_sq / count
+    e1 = sum_abs / count
     c = a * e2.sqrt() + b * e1
     return torch.where(c > 0, c, absmax)
 
 
 def minmax_clip(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    return w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().max()
+    return kernels.abs_moments(w, per_channel)[2]
 
 
 def weight_clip(method: str, w: torch.Tensor, bits: int, zero_preserving: bool, per_channel: bool,

@@ -36,3 +36,21 @@ def test_report_names_a_broken_line(tmp_path):
     jl.write_text('{"model": "bert"}\n')
     with pytest.raises(SystemExit, match=r"b.jsonl:1: not a benchmark record"):
         report.main([str(jl), "--out", str(tmp_path / "b.md")])
+
+
+@pytest.mark.parametrize("model", ["vit", "wav2vec2"])
+def test_bench_runs_the_other_models(tmp_path, model):
+    jl = tmp_path / "b.jsonl"
+    res = bench_train_step.main(["--model", model, "--layers", "1", "--batch", "1", "--seq", "24", "--iters", "1",
+                                 "--warmup", "0", "--no-memory", "--json", str(jl)])
+    assert set(res["step_s"]) == set(bench_train_step.VARIANTS) and all(v > 0 for v in res["step_s"].values())
+    assert res["compile"] == common_kernels_mode()
+    out = tmp_path / "b.md"
+    report.main([str(jl), "--out", str(out)])
+    heading = {"vit": "## vit: 1 layers, batch 1 x 224²", "wav2vec2": "## wav2vec2: 1 layers, batch 1 x 24 frames"}
+    assert heading[model] in out.read_text()
+
+
+def common_kernels_mode():
+    from common import kernels
+    return kernels.compile_mode()

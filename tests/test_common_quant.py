@@ -127,3 +127,23 @@ def test_calibration_sets_percentile_clips():
     pos.observing = False
     pos.finish_calibration()
     assert not bool(pos.signed) and pos.lo.item() == 0.0
+
+
+def test_loaded_sign_decides_whether_lo_trains():
+    """A resumed checkpoint's one-sided quantizers get no lo gradient, as after calibration (DDP, optimizer state)."""
+    from common.pact import ActQuantizer, fix_one_sided_clips
+    saved = ActQuantizer(4, "pact")
+    saved.signed.fill_(False)
+    fresh = ActQuantizer(4, "pact")
+    assert fresh.lo.requires_grad
+    fresh.load_state_dict(saved.state_dict())
+    assert not fresh.lo.requires_grad and fresh.hi.requires_grad
+    saved.signed.fill_(True)
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.lo.requires_grad
+    fresh.signed.fill_(False)  # changed behind load_state_dict's back (a broadcast): the explicit sync
+    assert fix_one_sided_clips(torch.nn.Sequential(fresh)) == 1 and not fresh.lo.requires_grad
+    frozen = ActQuantizer(4, "pact")
+    frozen.requires_grad_(False)  # a model frozen on purpose stays frozen
+    frozen.load_state_dict(saved.state_dict())
+    assert not frozen.lo.requires_grad

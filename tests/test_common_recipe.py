@@ -36,3 +36,13 @@ def test_yaml_roundtrip(tmp_path):
     f.write_text(yaml.safe_dump(r.to_dict()))
     assert Recipe.from_yaml(f) == r
     assert Recipe.from_yaml(f).nm == (1, 4)
+
+
+def test_unquoted_no_strategy_from_yaml(tmp_path):
+    """`train.eval_strategy=no` on the command line or unquoted in YAML reads as false: it still means "no"."""
+    import yaml
+    from common.hf import training_arguments
+    train = yaml.safe_load("eval_strategy: no\nsave_strategy: no\nreport_to: none")
+    assert train["eval_strategy"] is False
+    args = training_arguments({"train": train, "config_file": "x.yaml"}, tmp_path)
+    assert args.eval_strategy.value == "no" and args.save_strategy.value == "no"

@@ -1,0 +1,134 @@
+"""common.kernels: the compiled kernels compute what their eager definitions compute, in every layout."""
+import pytest
+import torch
+
+from common import kernels
+from common.linear import CompressedLinear, WeightQuantSpec
+from common.pact import ActQuantizer
+
+
+@pytest.fixture
+def mode():
+    """Restores the compile mode a test changed."""
+    old = kernels.compile_mode()
+    yield kernels.set_compile
+    kernels.set_compile(old)
+
+
+def both(mode, fn):
+    """fn() with compilation forced on, then off."""
+    mode(True)
+    compiled = fn()
+    mode(False)
+    return compiled, fn()
+
+
+def layouts():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 5, 3, 8, generator=g) * 3
+    return {"contiguous": base, "transposed": base.transpose(1, 2), "permuted": base.permute(3, 1, 0, 2),
+            "sliced": base[:, 1:4, :, ::2], "2d": base.reshape(30, 8), "scalar": base[0, 0, 0, 0]}
+
+
+@pytest.mark.parametrize("layout", list(layouts()))
+def test_fake_quant_exact_in_every_layout(mode, layout):
+    x = layouts()[layout]
+    s = torch.tensor(0.37)
+    args = (x, 1.0 / s, s, torch.tensor(-7.0), torch.tensor(7.0))
+    got, ref = both(mode, lambda: kernels.fake_quant(*args))
+    assert torch.equal(got, ref)
+    assert torch.equal(ref, torch.clamp(torch.round(x * (1.0 / s)), -7, 7) * s)
+    if layout != "sliced":  # a permuted dense block keeps its strides, as eager pointwise ops do
+        assert got.stride() == x.stride()
+
+
+def test_fake_quant_per_row(mode):
+    w = torch.randn(6, 10)
+    s = torch.rand(6, 1) + 0.1
+    got, ref = both(mode, lambda: kernels.fake_quant(w, 1.0 / s, s, torch.tensor(-7.0), torch.tensor(7.0)))
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("plus", [False, True])
+def test_ste_backward_matches_eager(mode, layout, plus):
+    x = layouts()[layout]
+    g = torch.randn(x.shape).contiguous()  # the incoming gradient laid out unlike x
+    lo, hi = torch.tensor(-2.0), torch.tensor(2.5)
+    xq = x.clamp(-2.0, 2.5).round() if plus else None
+    got, ref = both(mode, lambda: kernels.ste_backward(g, x, lo, hi, xq, signed=True))
+    assert torch.equal(got[0], ref[0])
+    for a, b in zip(got[1:], ref[1:]):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b)  # sums: the order of additions may differ
+    inside = (x >= lo) & (x <= hi)
+    assert torch.equal(ref[0], torch.where(inside, g, 0))
+    torch.testing.assert_close(ref[2], g[x > hi].sum())
+    torch.testing.assert_close(ref[1], g[x < lo].sum())
+    assert kernels.ste_backward(g, x, lo, hi, None, signed=False)[1] is None
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_abs_moments(mode, per_row):
+    w = torch.randn(12, 40)
+    got, ref = both(mode, lambda: kernels.abs_moments(w, per_row))
+    dims = dict(dim=1, keepdim=True) if per_row else {}
+    expect = ((w * w).sum(**dims), w.abs().sum(**dims), w.abs().amax(**dims))
+    for a, b, e in zip(got, ref, expect):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(b, e)
+
+
+def test_compressed_linear_same_compiled_or_not(mode):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    aq = ActQuantizer(4, "pact")
+    aq.lo.data.fill_(-1.5)
+    aq.hi.data.fill_(1.5)
+    layer = CompressedLinear.from_linear(lin, WeightQuantSpec(4, density=0.5), aq, (2, 4))
+    x = torch.randn(3, 5, 16) * 2
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.square().sum().backward()
+        return y.detach(), xi.grad, layer.weight.grad, aq.lo.grad, aq.hi.grad
+
+    (y1, *g1), (y0, *g0) = both(mode, run)
+    assert torch.equal(y1, y0)
+    assert torch.equal(g1[0], g0[0]) and torch.equal(g1[1], g0[1])
+    torch.testing.assert_close(g1[2], g0[2])
+    torch.testing.assert_close(g1[3], g0[3])
+
+
+def test_compile_failure_falls_back_with_a_warning(mode, monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    k = kernels._Kernel(kernels._fake_quant)
+    args = (torch.randn(kernels.AUTO_MIN_NUMEL), torch.tensor(2.0), torch.tensor(0.5), torch.tensor(-7.0),
+            torch.tensor(7.0))
+    mode("1")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        k(*args)
+    k = kernels._Kernel(kernels._fake_quant)
+    mode("auto")
+    with pytest.warns(RuntimeWarning, match="compiling _fake_quant failed.*COMMON_COMPILE=0"):
+        out = k(*args)
+    assert torch.equal(out, kernels._fake_quant(*args))
+    assert k._broken  # no second attempt
+    k(*args)
+    small = kernels._Kernel(kernels._fake_quant)  # auto: small tensors stay eager, nothing is compiled
+    small(torch.randn(5), *args[1:])
+    assert small._compiled is None
+
+
+def test_set_compile_rejects_unknown_modes(mode):
+    with pytest.raises(ValueError, match="expected one of"):
+        mode("sometimes")
