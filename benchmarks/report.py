@@ -52,7 +52,8 @@ def render(recs: list[dict], source: str) -> str:
            "resident set minus the process before the model was built (model, teacher, gradients, optimizer "
            "state, activations), after returning the memory freed while preparing the model to the OS (glibc "
            "malloc_trim; without it, allocator leftovers of the one-off prepare added up to 740 MiB on 12-layer "
-           "BERT-base). Random-init models with the paper models' widths and fewer layers: the "
+           "BERT-base), and with the quantizer kernels compiled before that baseline (the compiler's memory is a "
+           "per-process cost, like the libraries'). Random-init models with the paper models' widths and fewer layers: the "
            "embeddings and heads, full precision in every variant, weigh more in them than in the full-depth "
            "models. CPU only: no GPU numbers below unless a row names a GPU.", "",
            f"Goals: W4A4+2:4 step ≤ {GOALS['w4a4_2:4']:.2f}x FP, with the KD teacher ≤ "

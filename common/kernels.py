@@ -99,7 +99,8 @@ class _Flat:
 
 def _fake_quant(x, inv_s, s, code_lo, code_hi):
     """clamp(round(x * inv_s), code_lo, code_hi) * s: the integer grid of step s (zero point folded into the bounds)."""
-    return torch.clamp(torch.round(x * inv_s), code_lo, code_hi) * s
+    y = x * inv_s  # in place after the first op: eager (small tensors, fallback) allocates once
+    return y.round_().clamp_(code_lo, code_hi).mul_(s)
 
 
 def _ste_backward(g, x, lo, hi, xq):
@@ -150,3 +151,13 @@ def abs_moments(w: torch.Tensor, per_row: bool = False):
         return _abs_moments_k(_Flat(w)(w), None)
     return _abs_moments_k(w.contiguous(), 1)
 
+
+
+def warm_up(device=None) -> None:
+    """Compile the kernels now, on small tensors on `device`, instead of inside the first training step (the flat
+    graphs serve every size later). A no-op where the mode does not compile."""
+    x = torch.randn(AUTO_MIN_NUMEL, device=device)
+    one = torch.ones((), device=device)
+    fake_quant(x, one, one, -7 * one, 7 * one)
+    ste_backward(x, x, -one, one)
+    abs_moments(x)
