@@ -48,17 +48,14 @@ class CompressedLinearFn(torch.autograd.Function):
         else:
             xq, lo_eff, hi_eff = x, None, None
         y = F.linear(xq, wq.to(xq.dtype), None if bias is None else bias.to(xq.dtype))
-        # xq is recomputed in the backward (one fused pass) rather than saved beside x: an input-sized tensor less
-        # per layer held from forward to backward (measured: 12-layer BERT-base peak 1.30x -> see benchmarks.md)
-        ctx.save_for_backward(x, wq, mask, lo, hi, lo_eff, hi_eff)
+        ctx.save_for_backward(x if aspec is not None else None, xq, wq, mask, lo_eff, hi_eff)
         ctx.cfg = (aspec, bias is not None, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, wq, mask, lo, hi, lo_eff, hi_eff = ctx.saved_tensors
+        x, xq, wq, mask, lo_eff, hi_eff = ctx.saved_tensors
         aspec, has_bias, wdtype = ctx.cfg
-        xq = x if aspec is None else _act_forward(x, lo, hi, aspec[0], aspec[1])[0]  # bit-identical to the forward's
         g2 = gy.reshape(-1, gy.shape[-1])
         gw = gb = gx = g_lo = g_hi = None
         if ctx.needs_input_grad[1]:
