@@ -7,6 +7,7 @@ SCALE ?= mini
 RUNS_DIR ?= runs
 QUICK ?= 0
 FORCE ?= 0
+ISOLATE ?= 0
 PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
 
 .PHONY: test reproduce results venv clean-venv bench
@@ -25,7 +26,7 @@ test: venv
 
 # The main job: every stage (and ablation) of every pipeline at SCALE, then results/ regenerated from the runs.
 reproduce: venv
-	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --pipelines $(PIPELINES)
+	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --isolate $(ISOLATE) --pipelines $(PIPELINES)
 
 results: venv
 	$(VPY) results/make_results.py $(RUNS_DIR) --out results

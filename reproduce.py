@@ -9,10 +9,14 @@ what is missing before anything runs.
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
+import json
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -90,15 +94,59 @@ def hub_reachable(name: str, kind: str) -> bool:
         return False
 
 
-def run_stage(pipeline: str, scale: str, stage: str, log_dir: Path) -> tuple[int, float]:
-    cmd = [sys.executable, "-m", f"{pipeline}.train", "--config", str(config_path(pipeline, scale, stage)),
-           "overwrite_output_dir=true"]
+def call_main(module: str, argv: list[str], isolate: bool) -> int:
+    """`python -m module argv`, in this process by default: one process for all stages saves the imports and the
+    kernel compilation per stage (~10-15 s each at mini scale); isolate=True runs it in a subprocess instead.
+    The tests chain the train.py mains in one process the same way, so in-process runs are the tested path."""
+    if isolate:
+        return subprocess.call([sys.executable, "-m", module, *argv], cwd=ROOT)
+    threads = torch_threads()
+    try:
+        importlib.import_module(module).main(argv)
+        return 0
+    except SystemExit as e:  # argparse and explicit exits keep their exit status
+        return e.code if isinstance(e.code, int) else 1
+    except Exception:  # one failed stage is reported and the others still run, as with a subprocess
+        traceback.print_exc()
+        return 1
+    finally:
+        torch_threads(threads)  # a stage may set its own thread count
+        gc.collect()
+
+
+def torch_threads(n: int | None = None) -> int:
+    import torch
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False) -> tuple[int, float]:
     t0 = time.time()
-    rc = subprocess.call(cmd, cwd=ROOT)
+    rc = call_main(f"{pipeline}.train", ["--config", str(config_path(pipeline, scale, stage)),
+                                         "overwrite_output_dir=true"], isolate)
     return rc, time.time() - t0
 
 
-def export_if_quantized(cfg: dict, pipeline: str) -> None:
+def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: float, status: str,
+                isolate: bool) -> None:
+    """RUNS_DIR/<scale>/reproduce_times.json: the wall time of each stage's last run through this script (train,
+    evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs."""
+    from common.runs import hardware
+    path = Path(runs_dir) / scale / "reproduce_times.json"
+    try:
+        times = json.loads(path.read_text())
+    except (OSError, ValueError):
+        times = {}
+    times[f"{pipeline}/{stage}"] = {
+        "pipeline": pipeline, "stage": stage, "main_row": stage in MAIN, "seconds": round(seconds, 1),
+        "status": status, "hardware": hardware(), "in_process": not isolate,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(times, indent=1) + "\n")
+
+
+def export_if_quantized(cfg: dict, pipeline: str, isolate: bool = False) -> None:
     """Packed 4-bit checkpoint + compression.json (real bytes) for the results table's compression columns."""
     comp = cfg.get("compression") or {}
     run = Path(cfg["output_dir"])
@@ -107,8 +155,7 @@ def export_if_quantized(cfg: dict, pipeline: str) -> None:
     if (run / "compression.json").exists() and (run / "compression.json").stat().st_mtime >= \
             (run / "metrics.json").stat().st_mtime:
         return
-    rc = subprocess.call([sys.executable, "-m", "common.export", str(run), str(run / "model.c16.safetensors"),
-                          "--pipeline", pipeline], cwd=ROOT)
+    rc = call_main("common.export", [str(run), str(run / "model.c16.safetensors"), "--pipeline", pipeline], isolate)
     print(f"[reproduce] {pipeline}/{cfg['stage']}: export {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
 
 
@@ -119,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", type=int, default=0, help="1: only the main rows, no ablations")
     ap.add_argument("--force", type=int, default=0, help="1: redo finished stages")
     ap.add_argument("--pipelines", nargs="+", default=["bert_squad", "vit_imagenet", "wav2vec_librispeech"])
+    ap.add_argument("--isolate", type=int, default=0, help="1: each stage and export in its own process")
     a = ap.parse_args(argv)
     os.environ["RUNS_DIR"] = a.runs_dir
     pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
@@ -136,16 +184,19 @@ def main(argv=None) -> int:
             cfg = resolved(p, a.scale, stage)
             if not a.force and is_done(cfg):
                 print(f"[reproduce] {a.scale}/{p}/{stage}: done earlier, skipped ({cfg['output_dir']})", flush=True)
-                export_if_quantized(cfg, p)
+                export_if_quantized(cfg, p, bool(a.isolate))
                 continue
             print(f"[reproduce] {a.scale}/{p}/{stage}: running ...", flush=True)
-            rc, secs = run_stage(p, a.scale, stage, Path(a.runs_dir))
+            t0 = time.time()
+            rc, _ = run_stage(p, a.scale, stage, bool(a.isolate))
+            if rc == 0:
+                export_if_quantized(cfg, p, bool(a.isolate))
+            else:
+                failed.append(f"{p}/{stage}")
+            secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[reproduce] {a.scale}/{p}/{stage}: {status} in {secs / 60:.1f} min", flush=True)
-            if rc != 0:
-                failed.append(f"{p}/{stage}")
-            else:
-                export_if_quantized(cfg, p)
+            record_time(a.runs_dir, a.scale, p, stage, secs, status, bool(a.isolate))
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"

@@ -646,6 +646,34 @@ def runs_md(runs: list[Run]) -> str:
     return md_table(header, rows)
 
 
+def wall_times_md(runs_dir: Path) -> str:
+    """RUNS_DIR/<scale>/reproduce_times.json (written by reproduce.py per stage) -> minutes per pipeline:
+    main rows (what QUICK=1 runs), ablations, all stages; successful stages only."""
+    rows = []
+    for scale_dir in sorted(p for p in runs_dir.glob("*") if p.is_dir()):
+        times = _read_json(scale_dir / "reproduce_times.json", "reproduce_times.json", dict)
+        if not times:
+            continue
+        ok = [t for t in times.values() if isinstance(t, dict) and t.get("status") == "ok"
+              and num(t.get("seconds")) is not None]
+        pipelines = sorted({t.get("pipeline", "?") for t in ok}, key=lambda p: rank(p, PIPELINE_ORDER))
+        for pl in [*pipelines, None]:
+            sel = [t for t in ok if pl is None or t.get("pipeline") == pl]
+            if pl is None and len(pipelines) < 2:
+                continue
+            main = [t["seconds"] for t in sel if t.get("main_row")]
+            abl = [t["seconds"] for t in sel if not t.get("main_row")]
+            dates = sorted(str(t.get("date", ""))[:10] for t in sel)
+            hw = sorted({str(t.get("hardware", MISSING)) for t in sel})
+            rows.append([scale_dir.name, pl or "**all**", f"{sum(main) / 60:.1f} ({len(main)})",
+                         f"{sum(abl) / 60:.1f} ({len(abl)})", f"{(sum(main) + sum(abl)) / 60:.1f}",
+                         "; ".join(hw), f"{dates[0]} to {dates[-1]}" if dates[0] != dates[-1] else dates[0]])
+    if not rows:
+        return "No `reproduce_times.json` under the runs dir (stages run by `reproduce.py` record their times).\n"
+    return md_table(["Scale", "Pipeline", "Main rows, min (stages)", "Ablations, min (stages)", "All, min",
+                     "Hardware", "Dates"], rows)
+
+
 def paper_reference_md(path: Path) -> str:
     if not path.is_file():
         return "No paper reference file.\n"
@@ -709,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         "scales": ", ".join(f"`{s}`" for s in scales) or "none (no runs yet)",
         "runs_label": label_runs(runs) if runs else "no runs",
         "runs_table": runs_md(runs),
+        "wall_times": wall_times_md(runs_dir),
         "main_table": main_md,
         "ablations_table": abl_md,
         "plots": plots_md(summary, per_run),

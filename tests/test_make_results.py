@@ -156,3 +156,24 @@ def test_no_runs_writes_tables_and_exits_zero(tmp_path, capsys):
     assert "No ablation runs" in (out / "ablations.md").read_text()
     assert len(_rows(out / "main_table.csv")) == 0
     _check_png(out / "plot_metric_vs_compression.png")
+
+
+def test_wall_time_table_sums_main_rows_and_ablations(tmp_path, capsys):
+    """reproduce_times.json (FIXTURE seconds) -> minutes per pipeline; failed stages and bad files left out."""
+    scale = tmp_path / "mini"
+    scale.mkdir()
+    t = {f"bert_squad/{s}": {"pipeline": "bert_squad", "stage": s, "main_row": s in ("fp", "qat4"),
+                             "seconds": sec, "status": st, "hardware": "fixture-cpu", "date": "2000-01-02T03:04:05"}
+         for s, sec, st in [("fp", 120, "ok"), ("qat4", 60, "ok"), ("abl_no_kd", 30, "ok"),
+                            ("abl_oneshot", 600, "FAILED (exit 1)")]}
+    t["vit_imagenet/fp"] = {"pipeline": "vit_imagenet", "stage": "fp", "main_row": True, "seconds": 6,
+                            "status": "ok", "hardware": "fixture-cpu", "date": "2000-01-03T00:00:00"}
+    (scale / "reproduce_times.json").write_text(json.dumps(t))
+    md = make_results.wall_times_md(tmp_path)
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:6]] for line in md.splitlines()[2:]}
+    assert rows["bert_squad"] == ["3.0 (2)", "0.5 (1)", "3.5"]
+    assert rows["vit_imagenet"] == ["0.1 (1)", "0.0 (0)", "0.1"]
+    assert rows["**all**"] == ["3.1 (3)", "0.5 (1)", "3.6"]
+    (scale / "reproduce_times.json").write_text("{not json")
+    assert "No `reproduce_times.json`" in make_results.wall_times_md(tmp_path)
+    assert "reproduce_times.json" in capsys.readouterr().err

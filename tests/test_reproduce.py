@@ -33,3 +33,44 @@ def test_paper_scale_lists_what_is_missing(monkeypatch, capsys, tmp_path):
     assert any("'squad'" in p for p in problems)
     rc = reproduce.main(["--scale", "paper", "--pipelines", "bert_squad"])
     assert rc == 2 and "bert-base-uncased" in capsys.readouterr().err
+
+
+def test_in_process_stage_failures_are_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    """call_main runs a stage's main() in this process: an exception or a SystemExit becomes an exit status, a
+    stage's own torch thread count does not leak into the next stage."""
+    import torch
+    (tmp_path / "fake_stage.py").write_text(
+        "import sys, torch\n"
+        "def main(argv):\n"
+        "    torch.set_num_threads(1)\n"
+        "    if argv[0] == 'raise': raise ValueError('broken config.yaml: no key x')\n"
+        "    if argv[0] == 'exit': sys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    threads = torch.get_num_threads()
+    assert reproduce.call_main("fake_stage", ["ok"], isolate=False) == 0
+    assert reproduce.call_main("fake_stage", ["exit"], isolate=False) == 3
+    assert reproduce.call_main("fake_stage", ["raise"], isolate=False) == 1
+    assert "broken config.yaml: no key x" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads
+
+
+def test_main_records_stage_times_and_failures(tmp_path, monkeypatch):
+    """main() with the stages stubbed: each stage's time and status land in reproduce_times.json, a failed stage
+    makes the exit status 1 without stopping the others, and the tables step is called on the runs dir."""
+    import json
+    calls, tables = [], []
+
+    def fake_call_main(module, argv, isolate):
+        calls.append(module)
+        return 1 if "qat4.yaml" in argv[1] else 0
+    monkeypatch.setattr(reproduce, "call_main", fake_call_main)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: tables.append(cmd) or 0)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    rc = reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "bert_squad"])
+    assert rc == 1
+    assert calls == ["bert_squad.train"] * 4  # no metrics.json from the stubs: nothing to export
+    times = json.loads((tmp_path / "mini" / "reproduce_times.json").read_text())
+    assert sorted(times) == sorted(f"bert_squad/{s}" for s in reproduce.MAIN)
+    assert times["bert_squad/qat4"]["status"] == "FAILED (exit 1)" and times["bert_squad/fp"]["status"] == "ok"
+    assert all(t["main_row"] and t["in_process"] for t in times.values())
+    assert tables and str(tmp_path) in tables[0]

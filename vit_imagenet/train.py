@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
         return run(cfg, d, t_start, cpu_start)
     finally:
         d.close()
-        torch.set_num_threads(threads)  # main() may run in-process (tests, vit_imagenet.sequence)
+        torch.set_num_threads(threads)  # main() may run in-process (tests, reproduce.py)
 
 
 def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
