@@ -121,11 +121,9 @@ def torch_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False) -> tuple[int, float]:
-    t0 = time.time()
-    rc = call_main(f"{pipeline}.train", ["--config", str(config_path(pipeline, scale, stage)),
-                                         "overwrite_output_dir=true"], isolate)
-    return rc, time.time() - t0
+def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False) -> int:
+    return call_main(f"{pipeline}.train", ["--config", str(config_path(pipeline, scale, stage)),
+                                           "overwrite_output_dir=true"], isolate)
 
 
 def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: float, status: str,
@@ -188,7 +186,7 @@ def main(argv=None) -> int:
                 continue
             print(f"[reproduce] {a.scale}/{p}/{stage}: running ...", flush=True)
             t0 = time.time()
-            rc, _ = run_stage(p, a.scale, stage, bool(a.isolate))
+            rc = run_stage(p, a.scale, stage, bool(a.isolate))
             if rc == 0:
                 export_if_quantized(cfg, p, bool(a.isolate))
             else:

@@ -20,18 +20,22 @@ import warnings
 import torch
 
 _MODES = ("auto", "0", "1")
-_mode = os.environ.get("COMMON_COMPILE", "auto").strip().lower()
-if _mode not in _MODES:
-    raise ValueError(f"COMMON_COMPILE={_mode!r}: expected one of {_MODES}")
+_mode = "auto"
 
 
 def set_compile(mode: str | bool) -> None:
     """'auto' / True ('1') / False ('0'): whether the kernels below are compiled (see the module docstring)."""
     global _mode
-    mode = {True: "1", False: "0"}.get(mode, mode) if isinstance(mode, bool) else str(mode).lower()
+    mode = {True: "1", False: "0"}.get(mode, mode) if isinstance(mode, bool) else str(mode).strip().lower()
     if mode not in _MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {_MODES} or a bool")
     _mode = mode
+
+
+try:
+    set_compile(os.environ.get("COMMON_COMPILE", "auto"))
+except ValueError as e:
+    raise ValueError(f"COMMON_COMPILE: {e}") from None
 
 
 def compile_mode() -> str:

@@ -1,4 +1,9 @@
 """common.kernels: the compiled kernels compute what their eager definitions compute, in every layout."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,3 +137,9 @@ def test_compile_failure_falls_back_with_a_warning(mode, monkeypatch):
 def test_set_compile_rejects_unknown_modes(mode):
     with pytest.raises(ValueError, match="expected one of"):
         mode("sometimes")
+
+
+def test_bad_environment_mode_is_named():
+    r = subprocess.run([sys.executable, "-c", "import common.kernels"], cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "COMMON_COMPILE": "sometimes"}, capture_output=True, text=True)
+    assert r.returncode != 0 and "COMMON_COMPILE: compile mode 'sometimes'" in r.stderr
