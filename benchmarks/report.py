@@ -54,8 +54,8 @@ def render(recs: list[dict], source: str) -> str:
            "malloc_trim; without it, allocator leftovers of the one-off prepare added up to 740 MiB on 12-layer "
            "BERT-base), and with the quantizer kernels compiled before that baseline (the compiler's memory is a "
            "per-process cost, like the libraries'). Random-init models with the paper models' widths and fewer "
-           "layers: the embeddings and heads, full precision in every variant, weigh more in them than in the full-depth "
-           "models. CPU only: no GPU numbers below unless a row names a GPU.", "",
+           "layers: the embeddings and heads, full precision in every variant, weigh more in them than in the "
+           "full-depth models. CPU only: no GPU numbers below unless a row names a GPU.", "",
            f"Goals: W4A4+2:4 step ≤ {GOALS['w4a4_2:4']:.2f}x FP, with the KD teacher ≤ "
            f"{GOALS['w4a4_2:4_kd']:.2f}x; peak memory of a QAT step ≤ {MEMORY_GOAL:.2f}x FP.", ""]
     for r in latest(recs):
