@@ -214,3 +214,24 @@ def test_evaluate_only_fp_saves_a_usable_checkpoint(env):
     assert (root / "fp0" / "model.safetensors").exists() and (root / "fp0" / "predictions_test_other.jsonl").exists()
     _, model, processor = w2v_eval.load_run(root / "fp0")
     assert processor.tokenizer.pad_token_id == 0 and model.config.vocab_size == 32
+
+
+def test_pretrained_only_checkpoint_gets_a_new_ctc_head(env):
+    """A pre-trained-only checkpoint (like facebook/wav2vec2-large-lv60: Wav2Vec2ForPreTraining, no CTC head) loads
+    with its encoder weights and a new 32-entry CTC head, and the fp stage fine-tunes it (from_config=false)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+    root, args = env
+    ckpt = root / "pretrained_only"
+    cfg = Wav2Vec2Config.from_pretrained(next(a.split("=", 1)[1] for a in args if a.startswith("model_name_or_path")))
+    torch.manual_seed(0)
+    Wav2Vec2ForPreTraining(cfg).save_pretrained(ckpt)
+    saved = load_file(ckpt / "model.safetensors")
+    out_dir = root / "fp_from_pretrained_only"
+    over = [a for a in args if not a.startswith(("model_name_or_path", "from_config"))]
+    out = run("fp", over, f"model_name_or_path={ckpt}", "from_config=false", "freeze_feature_encoder=true",
+              f"output_dir={out_dir}")
+    assert out["train_steps"] == 3 and all(k in out for k in METRIC_KEYS)
+    _, model, _ = w2v_eval.load_run(out_dir)
+    assert model.lm_head.weight.shape[0] == 32
+    key = "wav2vec2.feature_extractor.conv_layers.0.conv.weight"  # frozen (paper recipe): loaded, not trained
+    assert torch.equal(model.state_dict()[key], saved[key])
