@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pipelines", nargs="+", default=["bert_squad", "vit_imagenet", "wav2vec_librispeech"])
     ap.add_argument("--isolate", type=int, default=0, help="1: each stage and export in its own process")
     a = ap.parse_args(argv)
+    isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
     pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
     for p in set(a.pipelines) - set(pipelines):
@@ -182,19 +183,19 @@ def main(argv=None) -> int:
             cfg = resolved(p, a.scale, stage)
             if not a.force and is_done(cfg):
                 print(f"[reproduce] {a.scale}/{p}/{stage}: done earlier, skipped ({cfg['output_dir']})", flush=True)
-                export_if_quantized(cfg, p, bool(a.isolate))
+                export_if_quantized(cfg, p, isolate)
                 continue
             print(f"[reproduce] {a.scale}/{p}/{stage}: running ...", flush=True)
             t0 = time.time()
-            rc = run_stage(p, a.scale, stage, bool(a.isolate))
+            rc = run_stage(p, a.scale, stage, isolate)
             if rc == 0:
-                export_if_quantized(cfg, p, bool(a.isolate))
+                export_if_quantized(cfg, p, isolate)
             else:
                 failed.append(f"{p}/{stage}")
             secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[reproduce] {a.scale}/{p}/{stage}: {status} in {secs / 60:.1f} min", flush=True)
-            record_time(a.runs_dir, a.scale, p, stage, secs, status, bool(a.isolate))
+            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"

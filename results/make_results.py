@@ -661,8 +661,8 @@ def wall_times_md(runs_dir: Path) -> str:
             sel = [t for t in ok if pl is None or t.get("pipeline") == pl]
             if pl is None and len(pipelines) < 2:
                 continue
-            main = [t["seconds"] for t in sel if t.get("main_row")]
-            abl = [t["seconds"] for t in sel if not t.get("main_row")]
+            main = [num(t["seconds"]) for t in sel if t.get("main_row")]
+            abl = [num(t["seconds"]) for t in sel if not t.get("main_row")]
             dates = sorted(str(t.get("date", ""))[:10] for t in sel)
             hw = sorted({str(t.get("hardware", MISSING)) for t in sel})
             rows.append([scale_dir.name, pl or "**all**", f"{sum(main) / 60:.1f} ({len(main)})",
