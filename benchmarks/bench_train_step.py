@@ -111,6 +111,11 @@ def build_variant(args, name, base, batch, inplace=False):
         calib = model_inputs(batch)
         common.calibrate(m, [calib["x"] if args.model == "vit" else calib])
         m.train()
+    # as the pipelines train on CPU: every variant, FP included, with the fast dropout; the KD teacher reuses the
+    # student's frozen wav2vec2 feature encoder
+    common.use_fast_dropout(m)
+    if distiller is not None and args.model == "wav2vec2":
+        distiller.share_frozen(m, "wav2vec2.feature_extractor")
     return m, distiller
 
 

@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
         return iter(loader)
 
     resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
-    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume)
+    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume,
+                                          train_device=args.device)
     distiller = build_distiller(cfg, build)
     callbacks = stage_callbacks(cfg)
     trainer = make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller,

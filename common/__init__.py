@@ -4,6 +4,7 @@ from . import kernels
 from .attention import AttentionQuantizers
 from .distill import DistillationLoss, kd_kl, logits_of
 from .dropout import ScheduledDropout
+from .fast_dropout import FastDropout, fast_dropout, use_fast_dropout
 from .linear import CompressedLinear, WeightQuantSpec
 from .pact import ActQuantizer
 from .prepare import (FrozenCompressedLinear, act_quantizers, calibrate, compressed_linears, convert, masks_of,
@@ -14,7 +15,7 @@ from .sparsity import check_nm, nm_mask
 
 __all__ = [
     "ActQuantizer", "kernels", "AttentionQuantizers", "CompressedLinear", "DEFAULT_SKIP", "DistillationLoss",
-    "FrozenCompressedLinear", "Recipe", "RecipeError", "ScheduledDropout", "WeightQuantSpec", "act_quantizers",
+    "FastDropout", "FrozenCompressedLinear", "Recipe", "RecipeError", "ScheduledDropout", "WeightQuantSpec", "act_quantizers",
     "calibrate", "check_nm", "compressed_linears", "compression_summary", "convert", "kd_kl", "logits_of",
-    "masks_of", "nm_mask", "prepare",
+    "masks_of", "nm_mask", "prepare", "fast_dropout", "use_fast_dropout",
 ]

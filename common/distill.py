@@ -35,6 +35,29 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask
     return kl.mean() * T * T
 
 
+class _Replay(nn.Module):
+    """Stands in for a teacher submodule: returns the student module's last output when called with the same
+    input tensor (the batch the student just saw), else runs the student's module, whose weights are the same."""
+
+    def __init__(self, source: nn.Module):
+        super().__init__()
+        self.__dict__["source"] = source  # not a child: the weights stay the student's (state_dict, .to())
+        self.last = None
+        source.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.last = (args[0], output) if len(args) == 1 else None
+
+    def forward(self, x):
+        last, self.last = self.last, None
+        if last is not None and last[0] is x:
+            return last[1].detach()
+        with torch.no_grad():
+            out = self.source(x)
+        self.last = None
+        return out
+
+
 class DistillationLoss(nn.Module):
     def __init__(self, teacher: nn.Module, lam: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0):
         super().__init__()
@@ -53,6 +76,23 @@ class DistillationLoss(nn.Module):
     @torch.no_grad()
     def teacher_outputs(self, *args, **kwargs):
         return self.teacher(*args, **kwargs)
+
+    def share_frozen(self, student: nn.Module, name: str) -> bool:
+        """Let the teacher reuse the student's output of submodule `name` (our choice, speed only: e.g. wav2vec2's
+        conv feature encoder, frozen in fine-tuning and most of the teacher's forward) when the student holds it
+        frozen with the teacher's exact weights and it has no train/eval-dependent layers, so the output is the
+        same bit for bit. Returns False, changing nothing, otherwise."""
+        mine, theirs = student.get_submodule(name), self.teacher.get_submodule(name)
+        a, b = mine.state_dict(), theirs.state_dict()
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+        frozen = not any(p.requires_grad for p in mine.parameters())
+        mode_free = not any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
+                            for m in mine.modules())
+        if not (same and frozen and mode_free):
+            return False
+        parent, _, attr = name.rpartition(".")
+        setattr(self.teacher.get_submodule(parent) if parent else self.teacher, attr, _Replay(mine))
+        return True
 
     def forward(self, task_loss: torch.Tensor, student_out, teacher_out, mask: torch.Tensor | None = None):
         """`mask` ([B, L] bool) restricts sequence logits (e.g. CTC frames) to valid positions."""

@@ -61,12 +61,13 @@ def weight_codes(wq: torch.Tensor, step: torch.Tensor, zero_preserving: bool) ->
     """Integer codes k of already fake-quantized weights (inverse of `dequantize_weight`), as int8."""
     if not zero_preserving:
         wq = wq - step * 0.5
-    return torch.round(wq / step).to(torch.int8)
+    return kernels.to_codes(wq, 1.0 / step)
 
 
 def dequantize_weight(codes: torch.Tensor, step: torch.Tensor, zero_preserving: bool) -> torch.Tensor:
-    """codes * step (+ step/2 on the plain grid): the same float ops as `quantize_weight`, hence bit-identical."""
-    w = codes.to(step.dtype) * step
+    """codes * step (+ step/2 on the plain grid): the same float ops as `quantize_weight`, hence bit-identical.
+    (int8 times a float tensor promotes inside the multiplication: one pass, no float copy of the codes.)"""
+    w = codes * step
     return w if zero_preserving else w + step * 0.5
 
 

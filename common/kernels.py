@@ -107,6 +107,11 @@ def _fake_quant(x, inv_s, s, code_lo, code_hi):
     return y.round_().clamp_(code_lo, code_hi).mul_(s)
 
 
+def _to_codes(x, inv_s):
+    """round(x * inv_s) as int8: the integer codes of values already on a grid of step 1/inv_s."""
+    return (x * inv_s).round_().to(torch.int8)
+
+
 def _ste_backward(g, x, lo, hi, xq):
     """PACT's straight-through gradients: x inside [lo, hi], lo and hi the sums outside their side; with `xq`
     (PACT+), also the rounding residual sum((xq - x) * gx). (g_lo is computed for one-sided quantizers too and
@@ -129,17 +134,28 @@ def _abs_moments(w, dim: int | None):
 
 
 _fake_quant_k = _Kernel(_fake_quant)
+_to_codes_k = _Kernel(_to_codes)
 _abs_moments_k = _Kernel(_abs_moments)
 _ste_backward_k = _Kernel(_ste_backward)
 
 
+def _on_grid(kernel, x, *grid):
+    """Per-tensor grids (one-element tensors) run on a flat view; per-row ones ([C, 1]) on a contiguous x."""
+    if grid[0].numel() == 1:
+        f = _Flat(x)
+        return f.back(kernel(f(x), *(g.reshape(()) for g in grid)))
+    return kernel(x.contiguous(), *grid)
+
+
 def fake_quant(x: torch.Tensor, inv_s: torch.Tensor, s: torch.Tensor, code_lo: torch.Tensor,
                code_hi: torch.Tensor) -> torch.Tensor:
-    """See `_fake_quant`. Per-tensor grids run on a flat view; per-row ones ([C, 1] scales) on a contiguous x."""
-    if s.numel() == 1:
-        f = _Flat(x)
-        return f.back(_fake_quant_k(f(x), inv_s.reshape(()), s.reshape(()), code_lo.reshape(()), code_hi.reshape(())))
-    return _fake_quant_k(x.contiguous(), inv_s, s, code_lo, code_hi)
+    """See `_fake_quant`."""
+    return _on_grid(_fake_quant_k, x, inv_s, s, code_lo, code_hi)
+
+
+def to_codes(x: torch.Tensor, inv_s: torch.Tensor) -> torch.Tensor:
+    """See `_to_codes`."""
+    return _on_grid(_to_codes_k, x, inv_s)
 
 
 def ste_backward(g, x, lo, hi, xq=None, signed=True):
@@ -163,5 +179,6 @@ def warm_up(device=None) -> None:
     x = torch.randn(AUTO_MIN_NUMEL, device=device)
     one = torch.ones((), device=device)
     fake_quant(x, one, one, -7 * one, 7 * one)
+    to_codes(x, one)
     ste_backward(x, x, -one, one)
     abs_moments(x)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import quantize_weight, weight_step
+from .fake_quant import dequantize_weight, quantize_weight, weight_codes, weight_step
 from .pact import ActQuantizer, _act_backward, _act_forward
 from .sawb import weight_clip
 
@@ -42,20 +42,29 @@ class WeightQuantSpec:
 class CompressedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, lo, hi, wspec, aspec):
-        wq = wspec(weight) if wspec is not None else weight  # stored pre-masked (see the module docstring)
+        codes = step = None
+        if wspec is not None:  # the weight is stored pre-masked (see the module docstring)
+            step = wspec.step(weight)
+            wq = quantize_weight(weight, step, wspec.bits, wspec.zero_preserving)
+            # the backward gets int8 codes, a quarter of the float weight's memory, and dequantizes them to
+            # the same floats (peak memory of the QAT step: goal <= 1.3x FP)
+            codes = weight_codes(wq, step, wspec.zero_preserving)
+        else:
+            wq = weight
         if aspec is not None:
             xq, lo_eff, hi_eff = _act_forward(x, lo, hi, aspec[0], aspec[1])
         else:
             xq, lo_eff, hi_eff = x, None, None
         y = F.linear(xq, wq.to(xq.dtype), None if bias is None else bias.to(xq.dtype))
-        ctx.save_for_backward(x if aspec is not None else None, xq, wq, mask, lo_eff, hi_eff)
-        ctx.cfg = (aspec, bias is not None, weight.dtype)
+        ctx.save_for_backward(x if aspec is not None else None, xq, wq if codes is None else codes, step, mask,
+                              lo_eff, hi_eff)
+        ctx.cfg = (aspec, bias is not None, weight.dtype, None if wspec is None else wspec.zero_preserving)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, xq, wq, mask, lo_eff, hi_eff = ctx.saved_tensors
-        aspec, has_bias, wdtype = ctx.cfg
+        x, xq, wq, step, mask, lo_eff, hi_eff = ctx.saved_tensors
+        aspec, has_bias, wdtype, zero_preserving = ctx.cfg
         g2 = gy.reshape(-1, gy.shape[-1])
         gw = gb = gx = g_lo = g_hi = None
         if ctx.needs_input_grad[1]:
@@ -67,6 +76,8 @@ class CompressedLinearFn(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(wdtype)
         if ctx.needs_input_grad[0] or (aspec is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])):
+            if step is not None:
+                wq = dequantize_weight(wq, step, zero_preserving)
             gxq = gy.matmul(wq.to(gy.dtype))
             if aspec is not None:
                 gx, g_lo, g_hi = _act_backward(gxq, x, xq, lo_eff, hi_eff, aspec[2], aspec[3])

@@ -8,8 +8,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .attention import (ATTN_IMPL, AttentionQuantizers, is_hf_attention, is_timm_attention, register_hf_attention,
-                        timm_compressed_attention_cls)
+from .attention import (AttentionQuantizers, is_hf_attention, is_timm_attention, timm_compressed_attention_cls,
+                        use_hf_compressed_attention)
 from .fake_quant import act_qparams, dequantize_weight, quantize_act, weight_codes
 from .linear import CompressedLinear, WeightQuantSpec
 from .pact import ActQuantizer
@@ -60,9 +60,7 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
         if n_attn == 0:
             raise ValueError("quantize_attention=True but the model has no supported attention module "
                              "(Hugging Face AttentionInterface models or timm Attention); set it to false")
-        if hasattr(model, "set_attn_implementation") and any(is_hf_attention(m) for m in model.modules()):
-            register_hf_attention()
-            model.set_attn_implementation(ATTN_IMPL)
+        use_hf_compressed_attention(model)
     model.compression_recipe = recipe
     return model
 

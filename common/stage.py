@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 from .distill import DistillationLoss
+from .fast_dropout import use_fast_dropout
 from .prepare import calibrate, prepare
 from .recipe import Recipe, RecipeError
 from .runs import RunError, load_into, load_state, split_state
@@ -33,9 +35,10 @@ def _existing_dir(cfg: dict, key: str, value) -> Path:
 
 
 def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_batches: Callable[[], Iterable] | None,
-                      calib_forward=None, do_calibrate: bool = True):
+                      calib_forward=None, do_calibrate: bool = True, train_device=None):
     """-> (model, init_state). `build_model()` returns the architecture with its starting weights
-    (pre-trained from the hub/local path); `cfg["init_from"]` (a previous stage's run dir) replaces them."""
+    (pre-trained from the hub/local path); `cfg["init_from"]` (a previous stage's run dir) replaces them.
+    Training on CPU (`train_device`), dropout.fast_cpu (default true) swaps in common.fast_dropout."""
     model = build_model()
     init_state = None
     masks = {}
@@ -50,6 +53,9 @@ def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_bat
         prepare(model, recipe, masks if recipe.nm else None)
         if do_calibrate and recipe.quantize_acts and recipe.calib_batches > 0 and calib_batches is not None:
             calibrate(model, calib_batches(), forward=calib_forward)
+    if (train_device is not None and torch.device(train_device).type == "cpu"
+            and (cfg.get("dropout") or {}).get("fast_cpu", True)):
+        use_fast_dropout(model)
     return model, init_state
 
 

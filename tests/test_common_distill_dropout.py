@@ -75,3 +75,40 @@ def test_scheduled_dropout_reaches_functional_attention_dropout():
     ScheduledDropout(model, 10, "linear").step(10)
     assert attn.dropout == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
+
+
+def _student_and_teacher():
+    torch.manual_seed(0)
+    teacher = tiny_wav2vec2_ctc()
+    student = tiny_wav2vec2_ctc()
+    student.load_state_dict(teacher.state_dict())
+    student.freeze_feature_encoder()
+    common.prepare(student, common.Recipe(sparsity=None, w_bits=32, a_bits=32))
+    return student.train(), common.DistillationLoss(teacher)
+
+
+def test_teacher_reuses_the_students_frozen_feature_encoder_bit_for_bit():
+    from tiny_models import wav_batch
+    student, kd = _student_and_teacher()
+    batch, other = wav_batch(), wav_batch()
+    want, want_other = kd.teacher_outputs(**batch).logits, kd.teacher_outputs(**other).logits
+    assert kd.share_frozen(student, "wav2vec2.feature_extractor")
+    assert not any("feature_extractor" in k for k in kd.teacher.state_dict())  # the teacher holds no copy
+    runs = []
+    student.wav2vec2.feature_extractor.register_forward_hook(lambda *a: runs.append(1))
+    student(**batch)
+    assert torch.equal(kd.teacher_outputs(**batch).logits, want)  # replayed: the encoder ran once, for the student
+    assert len(runs) == 1
+    assert torch.equal(kd.teacher_outputs(**other).logits, want_other)  # another input: the student's copy runs
+    assert len(runs) == 2
+
+
+def test_teacher_keeps_its_feature_encoder_when_not_identical_or_trained():
+    student, kd = _student_and_teacher()
+    student.wav2vec2.feature_extractor.conv_layers[0].conv.weight.requires_grad_(True)  # trained: not frozen
+    assert not kd.share_frozen(student, "wav2vec2.feature_extractor")
+    student, kd = _student_and_teacher()
+    with torch.no_grad():
+        student.wav2vec2.feature_extractor.conv_layers[0].conv.weight[0, 0, 0] += 1e-6  # other weights
+    assert not kd.share_frozen(student, "wav2vec2.feature_extractor")
+    assert any("feature_extractor" in k for k in kd.teacher.state_dict())

@@ -147,3 +147,21 @@ def test_loaded_sign_decides_whether_lo_trains():
     frozen.requires_grad_(False)  # a model frozen on purpose stays frozen
     frozen.load_state_dict(saved.state_dict())
     assert not frozen.lo.requires_grad
+
+
+@pytest.mark.parametrize("zp,per_channel", [(True, False), (False, False), (True, True)])
+def test_compressed_linear_saves_int8_weight_codes_and_backprops_through_the_forward_weight(zp, per_channel):
+    from common.linear import CompressedLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    cl = CompressedLinear.from_linear(lin, WeightQuantSpec(4, zero_preserving=zp, per_channel=per_channel,
+                                                           density=0.5), None, (2, 4))
+    x = torch.randn(5, 16, requires_grad=True)
+    gy = torch.randn(5, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = cl(x)
+    # for the backward: int8 codes of the weight, no float copy of it (a quarter of the memory)
+    assert [t.dtype for t in saved if t.shape == cl.weight.shape] == [torch.int8, torch.bool]  # codes, mask
+    y.backward(gy)
+    assert torch.equal(x.grad, gy @ cl.effective_weight())  # dequantized codes == the weight the forward used

@@ -69,10 +69,12 @@ def run(stage, args, *extra):
     return w2v_train.main(["--config", CFG.format(stage), *args, *extra])
 
 
-def test_stage_chain_saved_model_and_eval(env):
+def test_stage_chain_saved_model_and_eval(env, capsys):
     root, args = env
     out = {st: run(st, args, *([] if st == "fp" else ["compression.calib_batches=2"]))
            for st in ("fp", "sparse", "qat4")}
+    # KD stages: the teacher replays the student's frozen conv feature encoder (both hold the fp run's weights)
+    assert capsys.readouterr().out.count("the KD teacher reuses the student's output") == 2
     runs = root / "runs" / "mini" / "wav2vec_librispeech"
     for stage, m in out.items():
         saved = json.loads((runs / stage / "metrics.json").read_text())

@@ -196,7 +196,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     calib = (lambda: calibration_batches(cfg, data["calib"], d)) if "calib" in data else None
     t_build = time.time()
     model, init_state = build_stage_model(cfg, lambda: create_model(cfg, pretrained=pretrained), calib,
-                                          do_calibrate=ckpt is None)
+                                          do_calibrate=ckpt is None, train_device=d.device)
     model.to(d.device)
     if channels_last(cfg, d):
         model.to(memory_format=torch.channels_last)

@@ -242,10 +242,14 @@ def main(argv=None) -> dict:
         model(**{k: v.to(device) for k, v in batch.items()})
 
     resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
-    model, init_state = build_stage_model(cfg, build, calib_batches, calib_forward, do_calibrate=not resume)
+    model, init_state = build_stage_model(cfg, build, calib_batches, calib_forward, do_calibrate=not resume,
+                                          train_device=device)
     if cfg.get("freeze_feature_encoder", True):
         model.freeze_feature_encoder()  # the conv feature encoder is not trained (paper: fine-tuning recipe)
     distiller = build_distiller(cfg, build)
+    if distiller is not None and distiller.share_frozen(model, "wav2vec2.feature_extractor"):
+        print(f"[{PIPELINE}/{cfg['stage']}] the KD teacher reuses the student's output of the frozen conv feature "
+              f"encoder (same weights)", flush=True)
     callbacks = stage_callbacks(cfg)
     trainer = make_trainer(cfg, model, args, processor, train_ds, eval_sets, distiller, callbacks)
     t0, c0 = time.time(), time.process_time()
