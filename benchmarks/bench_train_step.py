@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from common.runs import cpu_model  # noqa: E402
 
 # settings that change the timings, recorded with them
 ENV_RECORDED = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "LD_PRELOAD", "COMMON_COMPILE")
@@ -40,13 +40,7 @@ VARIANTS = {
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def build(model: str, layers: int):

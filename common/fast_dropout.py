@@ -1,9 +1,9 @@
 """Faster dropout on CPU (our choice, speed only; the paper trains on GPUs, where this is not used).
 
-ATen's CPU dropout draws one Bernoulli number per element, serially: ~7 ns an element here, a fifth of the tiny
-wav2vec2's training step. Here one 64-bit random word gives four 16-bit lanes, each compared with round(p·2¹⁶):
-~4x less time. The kept fraction is exactly 1 − round(p·2¹⁶)/2¹⁶ in expectation, and the scale divides by it, so
-E[dropout(x)] = x as with F.dropout. Seeded by torch's default generator, as F.dropout is.
+ATen's CPU dropout draws one Bernoulli number per element, serially: ~7 ns an element here, a fifth of the
+tiny wav2vec2's training step. Here one 64-bit random word gives four 16-bit lanes, each compared with
+round(p·2¹⁶): ~4x less time. The kept fraction is exactly 1 − round(p·2¹⁶)/2¹⁶ in expectation, and the scale
+divides by it, so E[dropout(x)] = x as with F.dropout. Seeded by torch's default generator, as F.dropout is.
 """
 from __future__ import annotations
 

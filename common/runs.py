@@ -76,14 +76,26 @@ def load_into(model: torch.nn.Module, state: dict, source: str, strict_backbone:
     missing = [k for k in missing if not k.endswith((".lo", ".hi", ".signed", ".mask"))]
     if strict_backbone and (missing or unexpected):
         raise RunError(f"{source}: checkpoint does not match the model: missing {missing[:5]}"
-                       f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+                       f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                       f"{'…' if len(unexpected) > 5 else ''}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's processor or machine name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def hardware() -> str:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         return f"{n}x {torch.cuda.get_device_name(0)}"
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def stage_metrics(cfg: dict, model: torch.nn.Module, pipeline: str, main_metric: str, higher_is_better: bool,

@@ -524,7 +524,8 @@ def plot_ablations(recs: list[dict], out: Path) -> str:
     if not groups:
         _placeholder(out / name, "Ablations vs full recipe", "no ablation runs with a qat4 run to compare")
         return name
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 1.8 + 0.5 * max(sum(a["scale"] == s and a["pipeline"] == p for a in recs) for s, p in groups)), squeeze=False)
+    most_bars = max(sum(a["scale"] == s and a["pipeline"] == p for a in recs) for s, p in groups)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 1.8 + 0.5 * most_bars), squeeze=False)
     for ax, (s, p) in zip(axes[0], groups):
         g = [a for a in recs if a["scale"] == s and a["pipeline"] == p]
         colors = ["tab:green" if a["effect"] == "better" else "tab:red" if a["effect"] == "worse" else "tab:gray"
@@ -545,7 +546,8 @@ def plot_ablations(recs: list[dict], out: Path) -> str:
 
 
 def _groups(runs: list[Run]) -> list[tuple[str, str, list[Run]]]:
-    keys = sorted({(r.scale, r.pipeline) for r in runs}, key=lambda k: (rank(k[0], SCALE_ORDER), rank(k[1], PIPELINE_ORDER)))
+    keys = sorted({(r.scale, r.pipeline) for r in runs},
+                  key=lambda k: (rank(k[0], SCALE_ORDER), rank(k[1], PIPELINE_ORDER)))
     return [(s, p, [r for r in runs if r.scale == s and r.pipeline == p]) for s, p in keys]
 
 
