@@ -57,11 +57,22 @@ def quantize_weight(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserv
     return fq(w - half, step, zp, qmin, qmax) + half
 
 
+def quantize_weight_codes(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserving: bool):
+    """(quantize_weight(w, ...), its int8 codes) in one pass, without autograd: the same float ops, so the same
+    values, and dequantize_weight(codes, step) gives them back bit for bit."""
+    qmin, qmax = weight_qrange(bits, zero_preserving)
+    s = step.reshape((-1, 1) if step.numel() > 1 else ()).float()
+    half = s * 0.5
+    x = w.float() if zero_preserving else w.float() - half
+    wq, codes = kernels.fake_quant_codes(x, 1.0 / s, s, s.new_tensor(float(qmin)), s.new_tensor(float(qmax)))
+    return (wq if zero_preserving else wq + half).to(w.dtype), codes
+
+
 def weight_codes(wq: torch.Tensor, step: torch.Tensor, zero_preserving: bool) -> torch.Tensor:
     """Integer codes k of already fake-quantized weights (inverse of `dequantize_weight`), as int8."""
     if not zero_preserving:
         wq = wq - step * 0.5
-    return kernels.to_codes(wq, 1.0 / step)
+    return torch.round(wq / step).to(torch.int8)
 
 
 def dequantize_weight(codes: torch.Tensor, step: torch.Tensor, zero_preserving: bool) -> torch.Tensor:

@@ -107,9 +107,10 @@ def _fake_quant(x, inv_s, s, code_lo, code_hi):
     return y.round_().clamp_(code_lo, code_hi).mul_(s)
 
 
-def _to_codes(x, inv_s):
-    """round(x * inv_s) as int8: the integer codes of values already on a grid of step 1/inv_s."""
-    return (x * inv_s).round_().to(torch.int8)
+def _fake_quant_codes(x, inv_s, s, code_lo, code_hi):
+    """`_fake_quant`, and the integer codes it puts on the grid, as int8: one pass, two outputs."""
+    k = (x * inv_s).round_().clamp_(code_lo, code_hi)
+    return k * s, k.to(torch.int8)
 
 
 def _ste_backward(g, x, lo, hi, xq):
@@ -134,7 +135,7 @@ def _abs_moments(w, dim: int | None):
 
 
 _fake_quant_k = _Kernel(_fake_quant)
-_to_codes_k = _Kernel(_to_codes)
+_fake_quant_codes_k = _Kernel(_fake_quant_codes)
 _abs_moments_k = _Kernel(_abs_moments)
 _ste_backward_k = _Kernel(_ste_backward)
 
@@ -143,7 +144,8 @@ def _on_grid(kernel, x, *grid):
     """Per-tensor grids (one-element tensors) run on a flat view; per-row ones ([C, 1]) on a contiguous x."""
     if grid[0].numel() == 1:
         f = _Flat(x)
-        return f.back(kernel(f(x), *(g.reshape(()) for g in grid)))
+        out = kernel(f(x), *(g.reshape(()) for g in grid))
+        return tuple(map(f.back, out)) if isinstance(out, tuple) else f.back(out)
     return kernel(x.contiguous(), *grid)
 
 
@@ -153,9 +155,10 @@ def fake_quant(x: torch.Tensor, inv_s: torch.Tensor, s: torch.Tensor, code_lo: t
     return _on_grid(_fake_quant_k, x, inv_s, s, code_lo, code_hi)
 
 
-def to_codes(x: torch.Tensor, inv_s: torch.Tensor) -> torch.Tensor:
-    """See `_to_codes`."""
-    return _on_grid(_to_codes_k, x, inv_s)
+def fake_quant_codes(x: torch.Tensor, inv_s: torch.Tensor, s: torch.Tensor, code_lo: torch.Tensor,
+                     code_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `_fake_quant_codes`."""
+    return _on_grid(_fake_quant_codes_k, x, inv_s, s, code_lo, code_hi)
 
 
 def ste_backward(g, x, lo, hi, xq=None, signed=True):
@@ -179,6 +182,6 @@ def warm_up(device=None) -> None:
     x = torch.randn(AUTO_MIN_NUMEL, device=device)
     one = torch.ones((), device=device)
     fake_quant(x, one, one, -7 * one, 7 * one)
-    to_codes(x, one)
+    fake_quant_codes(x, one, one, -7 * one, 7 * one)
     ste_backward(x, x, -one, one)
     abs_moments(x)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import dequantize_weight, quantize_weight, weight_codes, weight_step
+from .fake_quant import dequantize_weight, quantize_weight, quantize_weight_codes, weight_step
 from .pact import ActQuantizer, _act_backward, _act_forward
 from .sawb import weight_clip
 
@@ -45,10 +45,9 @@ class CompressedLinearFn(torch.autograd.Function):
         codes = step = None
         if wspec is not None:  # the weight is stored pre-masked (see the module docstring)
             step = wspec.step(weight)
-            wq = quantize_weight(weight, step, wspec.bits, wspec.zero_preserving)
             # the backward gets int8 codes, a quarter of the float weight's memory, and dequantizes them to
             # the same floats (peak memory of the QAT step: goal <= 1.3x FP)
-            codes = weight_codes(wq, step, wspec.zero_preserving)
+            wq, codes = quantize_weight_codes(weight, step, wspec.bits, wspec.zero_preserving)
         else:
             wq = weight
         if aspec is not None:

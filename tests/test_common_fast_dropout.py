@@ -39,6 +39,14 @@ def test_fast_dropout_gradient_is_the_same_mask():
     assert torch.equal(x.grad, (y != 0).float() * (65536 / (65536 - 16384)))
 
 
+def test_fast_dropout_saves_only_a_bool_mask():
+    x = torch.randn(8, 33, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fast_dropout(x, 0.25)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]  # F.dropout on CPU: a float mask
+
+
 @pytest.mark.parametrize("p,training", [(0.0, True), (0.3, False), (1.0, True)])
 def test_fast_dropout_falls_back_to_f_dropout(p, training):
     x = torch.randn(5, 7)

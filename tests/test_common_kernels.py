@@ -47,6 +47,19 @@ def test_fake_quant_exact_in_every_layout(mode, layout):
         assert got.stride() == x.stride()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced", "2d"])
+def test_fake_quant_codes_are_the_fake_quant_values_as_int8(mode, layout):
+    x = layouts()[layout]
+    s = torch.tensor(0.37)
+    args = (x, 1.0 / s, s, torch.tensor(-7.0), torch.tensor(7.0))
+    (wq, codes), (wq_ref, codes_ref) = both(mode, lambda: kernels.fake_quant_codes(*args))
+    assert torch.equal(wq, wq_ref) and torch.equal(codes, codes_ref)
+    assert torch.equal(wq, kernels.fake_quant(*args))
+    assert codes.dtype == torch.int8 and torch.equal(codes * s, wq)
+    if layout != "sliced":
+        assert codes.stride() == x.stride()
+
+
 def test_fake_quant_per_row(mode):
     w = torch.randn(6, 10)
     s = torch.rand(6, 1) + 0.1

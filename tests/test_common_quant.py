@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from common.fake_quant import (act_qparams, dequantize_weight, quantize_act, quantize_weight, weight_codes,
-                               weight_step)
+from common.fake_quant import (act_qparams, dequantize_weight, quantize_act, quantize_weight, quantize_weight_codes,
+                               weight_codes, weight_step)
 from common.linear import WeightQuantSpec
 from common.pact import ActFakeQuant, ActQuantizer
 from common.sawb import sawb_clip
@@ -48,6 +48,8 @@ def test_weight_codes_roundtrip_bit_exact():
         codes = weight_codes(q, s, zp)
         assert codes.dtype == torch.int8
         assert torch.equal(dequantize_weight(codes, s, zp), q)
+        q2, codes2 = quantize_weight_codes(w, s, 4, zp)  # the training Function's one-pass version
+        assert torch.equal(q2, q) and torch.equal(codes2, codes)
 
 
 def test_sawb_formula_and_fallback():
