@@ -53,7 +53,12 @@ def render(recs: list[dict], source: str) -> str:
            "state, activations), after returning the memory freed while preparing the model to the OS (glibc "
            "malloc_trim; without it, allocator leftovers of the one-off prepare added up to 740 MiB on 12-layer "
            "BERT-base), and with the quantizer kernels compiled before that baseline (the compiler's memory is a "
-           "per-process cost, like the libraries'). Random-init models with the paper models' widths and fewer "
+           "per-process cost, like the libraries'). Rows that name a memory environment ran the children with "
+           "glibc's mmap threshold fixed, so that the peak follows live tensors, not heap fragmentation (the same "
+           "to 0.1 MiB run to run, where it varied by ±20 MiB before). On CPU every variant, FP included, trains "
+           "with `common.use_fast_dropout`, as the pipelines do (rows from before 2026-12-01 10:00 UTC timed FP "
+           "with ATen's slower dropout, which flattered the ratios). Random-init models with the paper models' "
+           "widths and fewer "
            "layers: the embeddings and heads, full precision in every variant, weigh more in them than in the "
            "full-depth models. CPU only: no GPU numbers below unless a row names a GPU.", "",
            f"Goals: W4A4+2:4 step ≤ {GOALS['w4a4_2:4']:.2f}x FP, with the KD teacher ≤ "
@@ -64,7 +69,9 @@ def render(recs: list[dict], source: str) -> str:
         env = ", ".join(f"{k}={v}" for k, v in r.get("env", {}).items()) or "defaults"
         out += [f"## {r['model']}: {r['layers']} layers, {shape}" + (f" ({env})" if r.get("env") else ""), "",
                 f"Hardware: {r.get('cpu', '?')} · date: {r['date']} · {r.get('iters', '?')} timed iterations · "
-                f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · environment: {env}", "",
+                f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · environment: {env}"
+                + (" · memory environment: " + ", ".join(f"{k}={v}" for k, v in r["memory_env"].items())
+                   if r.get("memory_env") else ""), "",
                 f"Command: `{r.get('command', '?')}`", ""]
         peaks, pr = r.get("peak_mib", {}), r.get("peak_ratio_vs_fp", {})
         rows = ["| Variant | Step (s) | Step ratio vs FP | Goal | Peak memory (MiB) | Memory ratio vs FP | Goal |",

@@ -22,6 +22,7 @@ def test_bench_measures_every_variant_and_report_renders(tmp_path):
     assert set(res["peak_mib"]) == variants and all(v > 0 for v in res["peak_mib"].values())
     # the KD variant holds a second (teacher) model: it must measure more than the student alone
     assert res["peak_mib"]["w4a4_2:4_kd"] > res["peak_mib"]["w4a4_2:4"]
+    assert set(res["memory_env"]) == {"GLIBC_TUNABLES"}  # the children's allocator setting is recorded
     assert json.loads(jl.read_text().splitlines()[-1])["command"].startswith("python benchmarks/bench_train_step.py")
     out = tmp_path / "b.md"
     report.main([str(jl), "--out", str(out)])
@@ -29,6 +30,24 @@ def test_bench_measures_every_variant_and_report_renders(tmp_path):
     assert "## bert: 1 layers, batch 1 x seq 16" in md and "W4A4+2:4 +KD teacher" in md
     assert f"| {res['step_s']['w4a4_2:4']:.3f} | {res['ratio_vs_fp']['w4a4_2:4']:.3f} |" in md
     assert ("met" in md) or ("missed" in md)
+    assert "memory environment: GLIBC_TUNABLES=" in md
+
+
+def test_every_variant_trains_as_the_pipelines_do_on_cpu():
+    """FP included: the fast CPU dropout (a slower FP dropout would flatter the ratios); the wav2vec2 KD teacher
+    replays the student's frozen feature encoder."""
+    import argparse
+
+    from torch import nn
+    for model in ("bert", "wav2vec2"):
+        args = argparse.Namespace(model=model, layers=1)
+        base = bench_train_step.build(model, 1)
+        batch = bench_train_step.make_batch(model, 1, 16)
+        for name in ("fp", "w4a4_2:4_kd"):
+            m, kd = bench_train_step.build_variant(args, name, base, batch)
+            assert not any(type(x) is nn.Dropout for x in m.modules())
+            if model == "wav2vec2" and kd is not None:
+                assert type(kd.teacher.wav2vec2.feature_extractor).__name__ == "_Replay"
 
 
 def test_report_names_a_broken_line(tmp_path):

@@ -151,15 +151,16 @@ def test_loaded_sign_decides_whether_lo_trains():
     assert not frozen.lo.requires_grad
 
 
+@pytest.mark.parametrize("size", [(16, 8), (256, 256)])  # the larger one runs the compiled kernels (auto mode)
 @pytest.mark.parametrize("zp,per_channel", [(True, False), (False, False), (True, True)])
-def test_compressed_linear_saves_int8_weight_codes_and_backprops_through_the_forward_weight(zp, per_channel):
+def test_compressed_linear_saves_int8_weight_codes_and_backprops_through_the_forward_weight(zp, per_channel, size):
     from common.linear import CompressedLinear
     torch.manual_seed(0)
-    lin = torch.nn.Linear(16, 8)
+    lin = torch.nn.Linear(*size)
     cl = CompressedLinear.from_linear(lin, WeightQuantSpec(4, zero_preserving=zp, per_channel=per_channel,
                                                            density=0.5), None, (2, 4))
-    x = torch.randn(5, 16, requires_grad=True)
-    gy = torch.randn(5, 8)
+    x = torch.randn(5, size[0], requires_grad=True)
+    gy = torch.randn(5, size[1])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = cl(x)
@@ -167,3 +168,4 @@ def test_compressed_linear_saves_int8_weight_codes_and_backprops_through_the_for
     assert [t.dtype for t in saved if t.shape == cl.weight.shape] == [torch.int8, torch.bool]  # codes, mask
     y.backward(gy)
     assert torch.equal(x.grad, gy @ cl.effective_weight())  # dequantized codes == the weight the forward used
+    assert torch.equal(cl.weight.grad, (gy.t() @ x.detach()) * cl.mask)  # identity STE, masked
