@@ -164,9 +164,14 @@ def memory_child(args) -> None:
 MEMORY_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
 
 
+def memory_env() -> dict:
+    """MEMORY_ENV, where the caller's environment does not set those variables itself."""
+    return {k: os.environ.get(k, v) for k, v in MEMORY_ENV.items()}
+
+
 def measure_memory(args) -> dict:
     peaks = {}
-    env = {**os.environ, **{k: v for k, v in MEMORY_ENV.items() if k not in os.environ}}
+    env = {**os.environ, **memory_env()}
     for name in VARIANTS:
         cmd = [sys.executable, __file__, "--model", args.model, "--layers", str(args.layers), "--batch",
                str(args.batch), "--seq", str(args.seq), "--memory-child", name]
@@ -214,7 +219,7 @@ def main(argv=None):
            "ratio_vs_fp": {n: round(v / med["fp"], 3) for n, v in med.items()}}
     if args.memory:
         peaks = measure_memory(args)
-        res["memory_env"] = {k: os.environ.get(k, v) for k, v in MEMORY_ENV.items()}
+        res["memory_env"] = memory_env()
         res["peak_mib"] = peaks
         res["peak_ratio_vs_fp"] = {n: round(v / peaks["fp"], 3) for n, v in peaks.items()}
     print(json.dumps(res, indent=1))
