@@ -29,7 +29,7 @@ import common  # noqa: E402
 from common.runs import cpu_model  # noqa: E402
 
 # settings that change the timings, recorded with them
-ENV_RECORDED = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "LD_PRELOAD", "COMMON_COMPILE")
+ENV_RECORDED = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "LD_PRELOAD", "COMMON_COMPILE", "COMMON_INT_MATMUL")
 
 VARIANTS = {
     "fp": None,
@@ -212,7 +212,7 @@ def main(argv=None):
     res = {"model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
            "iters": args.iters, "threads": torch.get_num_threads(), "cpu": cpu_name(),
            "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
-           "compile": common.kernels.compile_mode(),
+           "compile": common.kernels.compile_mode(), "int_matmul": common.int_matmul.int_matmul_mode(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "step_s": {n: round(v, 4) for n, v in med.items()},

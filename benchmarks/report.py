@@ -72,7 +72,8 @@ def render(recs: list[dict], source: str) -> str:
         env = env_text(r.get("env", {})) or "defaults"
         out += [f"## {r['model']}: {r['layers']} layers, {shape}" + (f" ({env})" if r.get("env") else ""), "",
                 f"Hardware: {r.get('cpu', '?')} · date: {r['date']} · {r.get('iters', '?')} timed iterations · "
-                f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · environment: {env}"
+                f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · integer matmul: "
+                f"{r.get('int_matmul', 'off (before common.int_matmul)')} · environment: {env}"
                 + (f" · memory environment: {env_text(r['memory_env'])}" if r.get("memory_env") else ""), "",
                 f"Command: `{r.get('command', '?')}`", ""]
         peaks, pr = r.get("peak_mib", {}), r.get("peak_ratio_vs_fp", {})

@@ -1,6 +1,6 @@
 """common: the paper's compression toolkit — 4-bit quantizers with a zero-preserving format, N:M sparsity,
 distillation and scheduled dropout — for Hugging Face and timm transformers. See common/README.md."""
-from . import kernels
+from . import int_matmul, kernels
 from .attention import AttentionQuantizers
 from .distill import DistillationLoss, kd_kl, logits_of
 from .dropout import ScheduledDropout
@@ -14,7 +14,7 @@ from .report import compression_summary
 from .sparsity import check_nm, nm_mask
 
 __all__ = [
-    "ActQuantizer", "kernels", "AttentionQuantizers", "CompressedLinear", "DEFAULT_SKIP", "DistillationLoss",
+    "ActQuantizer", "int_matmul", "kernels", "AttentionQuantizers", "CompressedLinear", "DEFAULT_SKIP", "DistillationLoss",
     "FastDropout", "FrozenCompressedLinear", "Recipe", "RecipeError", "ScheduledDropout", "WeightQuantSpec",
     "act_quantizers", "calibrate", "check_nm", "compressed_linears", "compression_summary", "convert", "fast_dropout",
     "kd_kl", "logits_of", "masks_of", "nm_mask", "prepare", "use_fast_dropout",

@@ -57,14 +57,17 @@ def quantize_weight(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserv
     return fq(w - half, step, zp, qmin, qmax) + half
 
 
-def quantize_weight_codes(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserving: bool):
+def quantize_weight_codes(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserving: bool, values: bool = True):
     """(quantize_weight(w, ...), its int8 codes) in one pass, without autograd: the same float ops, so the same
-    values, and dequantize_weight(codes, step) gives them back bit for bit."""
+    values, and dequantize_weight(codes, step) gives them back bit for bit. values=False: (None, the codes)."""
     qmin, qmax = weight_qrange(bits, zero_preserving)
     s = step.reshape((-1, 1) if step.numel() > 1 else ()).float()
     half = s * 0.5
     x = w.float() if zero_preserving else w.float() - half
-    wq, codes = kernels.fake_quant_codes(x, 1.0 / s, s, s.new_tensor(float(qmin)), s.new_tensor(float(qmax)))
+    lo, hi = s.new_tensor(float(qmin)), s.new_tensor(float(qmax))
+    if not values:
+        return None, kernels.quant_codes(x, 1.0 / s, lo, hi)
+    wq, codes = kernels.fake_quant_codes(x, 1.0 / s, s, lo, hi)
     return (wq if zero_preserving else wq + half).to(w.dtype), codes
 
 
@@ -89,6 +92,14 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, zero_preserving: 
     if zero_preserving:
         zp = torch.round(zp).clamp(0, n)
     return scale, zp, -zp * scale, (n - zp) * scale
+
+
+def quantize_act_codes(x: torch.Tensor, scale, zp, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantize_act(x, ...) on the zero-preserving grid, its codes minus the zero point as int8), without
+    autograd and in one pass: the same float ops as `fq`, so the same values."""
+    s, z = scale.reshape(()).float(), zp.reshape(()).float()
+    xq, codes = kernels.fake_quant_codes(x.float(), 1.0 / s, s, 0 - z, 2**bits - 1 - z)
+    return xq.to(x.dtype), codes
 
 
 def quantize_act(x: torch.Tensor, scale, zp, bits: int, zero_preserving: bool) -> torch.Tensor:

@@ -12,12 +12,19 @@ import torch
 from torch import nn
 
 from . import kernels
-from .fake_quant import act_qparams, quantize_act
+from .fake_quant import act_qparams, quantize_act, quantize_act_codes
 
 
 def _act_forward(x, lo, hi, bits, zero_preserving):
     scale, zp, lo_eff, hi_eff = act_qparams(lo, hi, bits, zero_preserving)
     return quantize_act(x, scale, zp, bits, zero_preserving), lo_eff, hi_eff
+
+
+def _act_forward_codes(x, lo, hi, bits):
+    """`_act_forward` on the zero-preserving grid, also giving the int8 codes and the step (for int_matmul)."""
+    scale, zp, lo_eff, hi_eff = act_qparams(lo, hi, bits, True)
+    xq, codes = quantize_act_codes(x, scale, zp, bits)
+    return xq, lo_eff, hi_eff, codes, scale
 
 
 def _act_backward(g, x, xq, lo_eff, hi_eff, signed, plus):

@@ -11,8 +11,9 @@ from torch import nn
 from .attention import (AttentionQuantizers, is_hf_attention, is_timm_attention, timm_compressed_attention_cls,
                         use_hf_compressed_attention)
 from .fake_quant import act_qparams, dequantize_weight, quantize_act, weight_codes
+from . import int_matmul
 from .linear import CompressedLinear, WeightQuantSpec
-from .pact import ActQuantizer
+from .pact import ActQuantizer, _act_forward_codes
 from .recipe import Recipe
 
 
@@ -156,6 +157,11 @@ class FrozenCompressedLinear(nn.Module):
 
     def forward(self, x):
         aq = self.input_quant
+        if aq is not None and self.weight is None and int_matmul.usable(x, aq.bits, aq.zero_preserving, self.w_bits,
+                                                                         self.zero_preserving):
+            # as the prepared layer computes it (common.int_matmul), so that both give the same outputs
+            _, _, _, codes, step = _act_forward_codes(x, aq.lo, aq.hi, aq.bits)
+            return int_matmul.int_linear(codes, step, self.weight_codes, self.weight_step, self.bias)
         if aq is not None:
             scale, zp, _, _ = act_qparams(aq.lo, aq.hi, aq.bits, aq.zero_preserving)
             x = quantize_act(x, scale, zp, aq.bits, aq.zero_preserving)

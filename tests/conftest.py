@@ -13,3 +13,14 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def float_matmul():
+    """Compressed linears multiply their fake-quantized operands in float32 (common.int_matmul off), for tests
+    that compare against that formula exactly; restores the mode afterwards."""
+    from common import int_matmul
+    old = int_matmul.int_matmul_mode()
+    int_matmul.set_int_matmul(False)
+    yield
+    int_matmul.set_int_matmul(old)

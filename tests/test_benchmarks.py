@@ -30,7 +30,7 @@ def test_bench_measures_every_variant_and_report_renders(tmp_path):
     assert "## bert: 1 layers, batch 1 x seq 16" in md and "W4A4+2:4 +KD teacher" in md
     assert f"| {res['step_s']['w4a4_2:4']:.3f} | {res['ratio_vs_fp']['w4a4_2:4']:.3f} |" in md
     assert ("met" in md) or ("missed" in md)
-    assert "memory environment: GLIBC_TUNABLES=" in md
+    assert "memory environment: GLIBC_TUNABLES=" in md and f"integer matmul: {res['int_matmul']}" in md
 
 
 def test_every_variant_trains_as_the_pipelines_do_on_cpu():
@@ -63,7 +63,7 @@ def test_bench_runs_the_other_models(tmp_path, model):
     res = bench_train_step.main(["--model", model, "--layers", "1", "--batch", "1", "--seq", "24", "--iters", "1",
                                  "--warmup", "0", "--no-memory", "--json", str(jl)])
     assert set(res["step_s"]) == set(bench_train_step.VARIANTS) and all(v > 0 for v in res["step_s"].values())
-    assert res["compile"] == common_kernels_mode()
+    assert res["compile"] == common_kernels_mode() and res["int_matmul"] in ("auto", "0")
     out = tmp_path / "b.md"
     report.main([str(jl), "--out", str(out)])
     heading = {"vit": "## vit: 1 layers, batch 1 x 224²", "wav2vec2": "## wav2vec2: 1 layers, batch 1 x 24 frames"}

@@ -156,3 +156,28 @@ def test_bad_environment_mode_is_named():
     r = subprocess.run([sys.executable, "-c", "import common.kernels"], cwd=Path(__file__).resolve().parents[1],
                        env={**os.environ, "COMMON_COMPILE": "sometimes"}, capture_output=True, text=True)
     assert r.returncode != 0 and "COMMON_COMPILE: compile mode 'sometimes'" in r.stderr
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_quant_codes_are_fake_quant_codes_codes(mode, layout):
+    x = layouts()[layout]
+    s = torch.tensor(0.37)
+    lo, hi = torch.tensor(-7.0), torch.tensor(7.0)
+    got, ref = both(mode, lambda: kernels.quant_codes(x, 1.0 / s, lo, hi))
+    assert torch.equal(got, ref) and got.dtype == torch.int8
+    assert torch.equal(ref, kernels.fake_quant_codes(x, 1.0 / s, s, lo, hi)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_mask_in_place(mode, dtype, layout):
+    g0 = torch.randn(12, 40)
+    mask = torch.rand(12, 40) > 0.5
+    if layout == "transposed":  # not laid out alike: the eager fallback
+        g0, mask = g0.t(), mask.t()
+    expect = torch.where(mask, g0, 0)
+    for m in (True, False):
+        mode(m)
+        g = g0.clone()
+        out = kernels.mask_(g, mask.to(dtype))
+        assert out is g and torch.equal(g, expect)

@@ -61,7 +61,7 @@ def test_given_masks_are_used():
     assert common.masks_of(model.state_dict()).keys() == {"0", "2"}
 
 
-def test_loading_dense_weights_keeps_the_stored_weight_pruned():
+def test_loading_dense_weights_keeps_the_stored_weight_pruned(float_matmul):
     # the forward uses the stored weight as it is, so every load must re-apply the mask
     model = common.prepare(_mlp(), common.Recipe(quantize_attention=False, skip=[]))
     dense = {k: (torch.randn_like(v) if k.endswith("weight") else v) for k, v in model.state_dict().items()}

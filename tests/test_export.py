@@ -405,8 +405,9 @@ def test_semi_structured_needs_cuda():
         to_semi_structured(model)
 
 
-def test_semi_structured_layer_logic_on_cpu():
-    """The wrapper (input quantizer, reshape, dtype casts, bias) with a stand-in for the sparse tensor class."""
+def test_semi_structured_layer_logic_on_cpu(float_matmul):
+    """The wrapper (input quantizer, reshape, dtype casts, bias) with a stand-in for the sparse tensor class: a
+    float matmul, compared with the frozen layer's float matmul."""
     from common.export import SemiStructuredLinear
 
     class DenseStandIn:

@@ -1,0 +1,119 @@
+"""common.int_matmul: the integer matmul is the exact product of the codes, the layers use it only where it is
+exact, and it changes the forward only by float32 rounding and the backward not at all."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from common import int_matmul
+from common.linear import CompressedLinear, WeightQuantSpec
+from common.pact import ActQuantizer
+
+
+@pytest.fixture
+def mode():
+    old = int_matmul.int_matmul_mode()
+    yield int_matmul.set_int_matmul
+    int_matmul.set_int_matmul(old)
+
+
+def test_exact_bounds():
+    assert int_matmul.exact(4, 4, 10_000_000)
+    assert not int_matmul.exact(4, 4, 30_000_000)  # the int32 sum could overflow
+    assert not int_matmul.exact(8, 4, 64)          # 255-level activation codes do not fit int8
+    assert not int_matmul.exact(4, 8, 64)          # int16 pair sums of AVX2 int8 kernels could saturate
+    assert int_matmul.exact(7, 4, 64)
+
+
+def test_int_linear_is_the_exact_integer_product():
+    g = torch.Generator().manual_seed(0)
+    xc = torch.randint(-15, 16, (3, 5, 96), dtype=torch.int8, generator=g)
+    wc = torch.randint(-7, 8, (40, 96), dtype=torch.int8, generator=g)
+    one = torch.tensor(1.0)
+    exact = (xc.reshape(15, 96).long() @ wc.long().t()).reshape(3, 5, 40)
+    assert torch.equal(int_matmul.int_linear(xc, one, wc, one, None), exact.float())
+    sx, sw, bias = torch.tensor(0.37), torch.rand(40, 1) + 0.1, torch.randn(40)
+    y = int_matmul.int_linear(xc, sx, wc, sw, bias)
+    assert torch.equal(y, exact.float() * (sx * sw.reshape(1, -1)) + bias)
+    ref = (xc.double() * 0.37) @ (wc.double() * sw.double()).t() + bias.double()
+    torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def _layer(per_channel=False, zero_preserving=True):
+    torch.manual_seed(0)
+    aq = ActQuantizer(4, "pact", zero_preserving)
+    aq.lo.data.fill_(-1.5)
+    aq.hi.data.fill_(2.0)
+    wspec = WeightQuantSpec(4, per_channel=per_channel, zero_preserving=zero_preserving, density=0.5)
+    return CompressedLinear.from_linear(torch.nn.Linear(64, 48), wspec, aq, (2, 4))
+
+
+def _fwd_bwd(layer, x, gy):
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    y = layer(xi)
+    y.backward(gy)
+    return y.detach(), xi.grad, layer.weight.grad, layer.bias.grad, layer.input_quant.lo.grad, \
+        layer.input_quant.hi.grad
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_layer_forward_rounds_differently_backward_is_identical(mode, per_channel):
+    layer = _layer(per_channel)
+    x, gy = torch.randn(2, 7, 64) * 1.5, torch.randn(2, 7, 48)
+    mode("auto")
+    y_int, *g_int = _fwd_bwd(layer, x, gy)
+    mode(False)
+    y_fp, *g_fp = _fwd_bwd(layer, x, gy)
+    assert torch.equal(y_fp, torch.nn.functional.linear(layer.input_quant(x), layer.effective_weight(), layer.bias))
+    torch.testing.assert_close(y_int, y_fp, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_int, g_fp):
+        assert torch.equal(a, b)
+
+
+def test_used_only_where_exact_and_asked(mode, monkeypatch):
+    calls = []
+    real = int_matmul.int_linear
+    monkeypatch.setattr(int_matmul, "int_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 64)
+    mode("auto")
+    _layer()(x)
+    assert len(calls) == 1
+    _layer(zero_preserving=False)(x)  # the plain grid has no integer codes
+    layer = _layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    layer.to(torch.float64)(x.double())
+    assert len(calls) == 1
+    mode("0")
+    _layer()(x)
+    assert len(calls) == 1
+
+
+def test_prepared_and_converted_agree_in_both_modes(mode):
+    for m in ("auto", "0"):
+        mode(m)
+        model = common.prepare(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)),
+                               common.Recipe(quantize_attention=False, skip=[]))
+        x = torch.randn(5, 64)
+        common.calibrate(model, [x])
+        model.eval()
+        with torch.no_grad():
+            a = model(x)
+            b = common.convert(model)(x)
+        assert torch.equal(a, b)
+
+
+def test_set_int_matmul_rejects_unknown_modes(mode):
+    with pytest.raises(ValueError, match="expected one of"):
+        mode("fast")
+
+
+def test_bad_environment_mode_is_named():
+    r = subprocess.run([sys.executable, "-c", "import common"], cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "COMMON_INT_MATMUL": "fast"}, capture_output=True, text=True)
+    assert r.returncode != 0 and "COMMON_INT_MATMUL: integer matmul mode 'fast'" in r.stderr
