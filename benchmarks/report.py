@@ -61,9 +61,12 @@ def render(recs: list[dict], source: str) -> str:
            "glibc's mmap threshold fixed, so that the peak follows live tensors, not heap fragmentation (the same "
            "to 0.1 MiB run to run, where it varied by ±20 MiB before). On CPU every variant, FP included, trains "
            "with `common.use_fast_dropout`, as the pipelines do (rows from before 2026-12-01 10:00 UTC timed FP "
-           "with ATen's slower dropout, which flattered the ratios). Random-init models with the paper models' "
-           "widths and fewer layers: the embeddings and heads, full precision in every variant, weigh more in "
-           "them than in the full-depth models. CPU only: no GPU numbers below unless a row names a GPU.", "",
+           "with ATen's slower dropout, which flattered the ratios). The compressed variants multiply their 4-bit "
+           "codes with an int8 matmul on CPU (`common.int_matmul`, exact int32 sums; 'integer matmul: auto'); rows "
+           "run with COMMON_INT_MATMUL=0 use the float32 matmul of the same operands, for comparison. Random-init "
+           "models with the paper models' widths and fewer layers: the embeddings and heads, full precision in "
+           "every variant, weigh more in them than in the full-depth models. CPU only: no GPU numbers below unless "
+           "a row names a GPU.", "",
            f"Goals: W4A4+2:4 step ≤ {GOALS['w4a4_2:4']:.2f}x FP, with the KD teacher ≤ "
            f"{GOALS['w4a4_2:4_kd']:.2f}x; peak memory of a QAT step ≤ {MEMORY_GOAL:.2f}x FP.", ""]
     for r in latest(recs):

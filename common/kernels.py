@@ -50,7 +50,7 @@ AUTO_MIN_NUMEL = 1 << 16
 # Choice: every kernel opens an OpenMP region and the runtime picks the threads. Otherwise inductor decides
 # serial or parallel from the size of the tensor it first compiles for and keeps that for all sizes, in the
 # process and in its on-disk cache, whose key ignores sizes: one first call on a small tensor (the tests') left
-# the weight kernels serial afterwards (measured: ViT-2's QAT step 1.186x FP with them serial, 1.115x parallel).
+# the weight kernels serial afterwards (measured: fake_quant_codes on a 2304x768 weight 0.59 ms so, 0.33 parallel).
 _OPTIONS = {"cpp.dynamic_threads": True}
 
 
