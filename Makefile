@@ -10,7 +10,7 @@ FORCE ?= 0
 ISOLATE ?= 0
 PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
 
-.PHONY: test reproduce results venv clean-venv bench
+.PHONY: test reproduce results venv clean-venv bench bench-gpu
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ bench: venv
 	$(VPY) benchmarks/bench_train_step.py --model bert --iters 10 --json results/benchmarks.jsonl
 	$(VPY) benchmarks/bench_train_step.py --model vit --iters 10 --json results/benchmarks.jsonl
 	$(VPY) benchmarks/bench_train_step.py --model wav2vec2 --iters 10 --json results/benchmarks.jsonl
+	$(VPY) benchmarks/report.py results/benchmarks.jsonl --out results/benchmarks.md
+
+# the same on a CUDA GPU, with 2:4 semi-structured linear speed and BERT-base inference (benchmarks/bench_gpu.py)
+bench-gpu: venv
+	$(VPY) benchmarks/bench_gpu.py --json results/benchmarks_gpu.jsonl
 	$(VPY) benchmarks/report.py results/benchmarks.jsonl --out results/benchmarks.md
 
 clean-venv:

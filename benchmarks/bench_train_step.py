@@ -96,7 +96,7 @@ def step_fn(model_kind, model, batch, distiller):
     loss.backward()
 
 
-def build_variant(args, name, base, batch, inplace=False):
+def build_variant(args, name, base, batch, inplace=False, fast_dropout=True):
     kw = VARIANTS[name]
     distiller = common.DistillationLoss(copy.deepcopy(base)) if name.endswith("_kd") else None
     m = (base if inplace else copy.deepcopy(base)).train()
@@ -106,9 +106,10 @@ def build_variant(args, name, base, batch, inplace=False):
         common.calibrate(m, [calib["x"] if args.model == "vit" else calib])
         m.train()
     # as the pipelines train on CPU: every variant, FP included, with the fast dropout (ATen's serial CPU dropout
-    # made the FP step slower and the ratios look better); the KD teacher reuses the student's frozen wav2vec2
-    # feature encoder
-    common.use_fast_dropout(m)
+    # made the FP step slower and the ratios look better; on a GPU they keep ATen's); the KD teacher reuses the
+    # student's frozen wav2vec2 feature encoder
+    if fast_dropout:
+        common.use_fast_dropout(m)
     if distiller is not None and args.model == "wav2vec2":
         distiller.share_frozen(m, "wav2vec2.feature_extractor")
     return m, distiller

@@ -16,16 +16,18 @@ MEMORY_GOAL = 1.30                                # peak memory of a QAT step vs
 VARIANT_LABEL = {"fp": "FP", "w4a4": "W4A4", "w4a4_2:4": "W4A4+2:4", "w4a4_2:4_kd": "W4A4+2:4 +KD teacher"}
 
 
-def load(path: Path) -> list[dict]:
+def load(path: Path, required=("step_s", "ratio_vs_fp"), what: str = "a benchmark record") -> list[dict]:
+    """The JSON lines of `path`, each with the `required` keys (bench_gpu.py's records: required=("part",))."""
     recs = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
-            r["step_s"], r["ratio_vs_fp"]  # noqa: B018  (required keys)
+            for k in required:
+                r[k]  # noqa: B018
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            sys.exit(f"{path}:{i}: not a benchmark record ({e})")
+            sys.exit(f"{path}:{i}: not {what} ({e})")
         recs.append(r)
     return recs
 
@@ -99,6 +101,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("jsonl", type=Path, nargs="?", default=ROOT / "results" / "benchmarks.jsonl")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks.md")
+    ap.add_argument("--gpu", type=Path, default=ROOT / "results" / "benchmarks_gpu.jsonl",
+                    help="benchmarks/bench_gpu.py's records, rendered as a GPU section where the file exists")
     a = ap.parse_args(argv)
     if not a.jsonl.exists():
         sys.exit(f"{a.jsonl}: no benchmark records (run `make bench` first)")
@@ -106,7 +110,11 @@ def main(argv=None):
         source = a.jsonl.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         source = str(a.jsonl)
-    a.out.write_text(render(load(a.jsonl), source))
+    page = render(load(a.jsonl), source)
+    if a.gpu.exists():
+        import bench_gpu  # imports torch: only where there are GPU records
+        page += "\n" + bench_gpu.render(load(a.gpu, ("part",), "a GPU benchmark record"))
+    a.out.write_text(page)
     print(f"wrote {a.out}")
 
 

@@ -14,7 +14,8 @@ from .report import compression_summary
 from .sparsity import check_nm, nm_mask
 
 __all__ = [
-    "ActQuantizer", "int_matmul", "kernels", "AttentionQuantizers", "CompressedLinear", "DEFAULT_SKIP", "DistillationLoss",
+    "ActQuantizer", "int_matmul", "kernels", "AttentionQuantizers", "CompressedLinear", "DEFAULT_SKIP",
+    "DistillationLoss",
     "FastDropout", "FrozenCompressedLinear", "Recipe", "RecipeError", "ScheduledDropout", "WeightQuantSpec",
     "act_quantizers", "calibrate", "check_nm", "compressed_linears", "compression_summary", "convert", "fast_dropout",
     "kd_kl", "logits_of", "masks_of", "nm_mask", "prepare", "use_fast_dropout",

@@ -45,7 +45,7 @@ def exact(a_bits: int, w_bits: int, k: int) -> bool:
     """Whether int8 codes of these widths multiply exactly over k inputs: the codes fit int8 (|k_x| <= 2^a - 1
     with the zero point folded in, |k_w| <= 2^(w-1) - 1), the int32 sum cannot overflow, and, for CPU kernels
     that add pairs of u8*s8 products in saturating int16 (AVX2 without VNNI, codes shifted by 128), neither can
-    those pairs: 2 * (n_x + 128) * n_w <= 32767. True for the paper's 4/4 bits up to k of 10 million."""
+    those pairs: 2 * (n_x + 128) * n_w <= 32767. True for the paper's 4/4 bits for k below 20 million."""
     n_x, n_w = 2 ** a_bits - 1, 2 ** (w_bits - 1) - 1
     return n_x <= 127 and n_w <= 127 and 2 * (n_x + 128) * n_w <= 32767 and k * n_x * n_w < 2 ** 31
 

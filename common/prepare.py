@@ -8,10 +8,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import int_matmul
 from .attention import (AttentionQuantizers, is_hf_attention, is_timm_attention, timm_compressed_attention_cls,
                         use_hf_compressed_attention)
 from .fake_quant import act_qparams, dequantize_weight, quantize_act, weight_codes
-from . import int_matmul
 from .linear import CompressedLinear, WeightQuantSpec
 from .pact import ActQuantizer, _act_forward_codes
 from .recipe import Recipe
