@@ -94,10 +94,12 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, zero_preserving: 
     return scale, zp, -zp * scale, (n - zp) * scale
 
 
-def quantize_act_codes(x: torch.Tensor, scale, zp, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act_codes(x: torch.Tensor, scale, zp, bits: int, values: bool = True):
     """(quantize_act(x, ...) on the zero-preserving grid, its codes minus the zero point as int8), without
-    autograd and in one pass: the same float ops as `fq`, so the same values."""
+    autograd and in one pass: the same float ops as `fq`, so the same values. values=False: (None, the codes)."""
     s, z = scale.reshape(()).float(), zp.reshape(()).float()
+    if not values:
+        return None, kernels.quant_codes(x.float(), 1.0 / s, 0 - z, 2**bits - 1 - z)
     xq, codes = kernels.fake_quant_codes(x.float(), 1.0 / s, s, 0 - z, 2**bits - 1 - z)
     return xq.to(x.dtype), codes
 

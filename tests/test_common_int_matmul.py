@@ -117,3 +117,14 @@ def test_bad_environment_mode_is_named():
     r = subprocess.run([sys.executable, "-c", "import common"], cwd=Path(__file__).resolve().parents[1],
                        env={**os.environ, "COMMON_INT_MATMUL": "fast"}, capture_output=True, text=True)
     assert r.returncode != 0 and "COMMON_INT_MATMUL: integer matmul mode 'fast'" in r.stderr
+
+
+def test_activation_codes_are_the_fake_quant_grid():
+    from common.fake_quant import act_qparams, quantize_act, quantize_act_codes
+    x = torch.randn(3, 50) * 2
+    scale, zp, _, _ = act_qparams(torch.tensor(-1.3), torch.tensor(2.1), 4, True)
+    xq, k = quantize_act_codes(x, scale, zp, 4)
+    assert torch.equal(xq, quantize_act(x, scale, zp, 4, True)) and k.dtype == torch.int8
+    assert torch.equal(k.float() * scale, xq)  # codes with the zero point folded in, on the same grid
+    assert int(k.min()) == -int(zp) and int(k.max()) == 15 - int(zp)  # x spans the clip range: both ends reached
+    assert torch.equal(quantize_act_codes(x, scale, zp, 4, values=False)[1], k)
