@@ -14,9 +14,9 @@ CPU only, as it is the only place it was measured (a GPU's float matmul is anoth
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .kernels import mode_from_env, parse_mode
 
 _MODES = ("auto", "0")
 _mode = "auto"
@@ -25,16 +25,10 @@ _mode = "auto"
 def set_int_matmul(mode: str | bool) -> None:
     """'auto' / True or '0' / False: whether compressed linears use the integer matmul (module docstring)."""
     global _mode
-    mode = ("auto" if mode else "0") if isinstance(mode, bool) else str(mode).strip().lower()
-    if mode not in _MODES:
-        raise ValueError(f"integer matmul mode {mode!r}: expected one of {_MODES} or a bool")
-    _mode = mode
+    _mode = parse_mode(mode, _MODES, "auto", "integer matmul")
 
 
-try:
-    set_int_matmul(os.environ.get("COMMON_INT_MATMUL", "auto"))
-except ValueError as e:
-    raise ValueError(f"COMMON_INT_MATMUL: {e}") from None
+mode_from_env("COMMON_INT_MATMUL", set_int_matmul)
 
 
 def int_matmul_mode() -> str:

@@ -23,19 +23,29 @@ _MODES = ("auto", "0", "1")
 _mode = "auto"
 
 
+def parse_mode(mode: str | bool, modes: tuple[str, ...], true: str, what: str) -> str:
+    """A switch's mode from a bool (True -> `true`, False -> '0') or a string, which must be one of `modes`."""
+    mode = (true if mode else "0") if isinstance(mode, bool) else str(mode).strip().lower()
+    if mode not in modes:
+        raise ValueError(f"{what} mode {mode!r}: expected one of {modes} or a bool")
+    return mode
+
+
+def mode_from_env(var: str, setter) -> None:
+    """setter(the environment variable `var`, default 'auto'), its error naming the variable."""
+    try:
+        setter(os.environ.get(var, "auto"))
+    except ValueError as e:
+        raise ValueError(f"{var}: {e}") from None
+
+
 def set_compile(mode: str | bool) -> None:
     """'auto' / True ('1') / False ('0'): whether the kernels below are compiled (see the module docstring)."""
     global _mode
-    mode = {True: "1", False: "0"}.get(mode, mode) if isinstance(mode, bool) else str(mode).strip().lower()
-    if mode not in _MODES:
-        raise ValueError(f"compile mode {mode!r}: expected one of {_MODES} or a bool")
-    _mode = mode
+    _mode = parse_mode(mode, _MODES, "1", "compile")
 
 
-try:
-    set_compile(os.environ.get("COMMON_COMPILE", "auto"))
-except ValueError as e:
-    raise ValueError(f"COMMON_COMPILE: {e}") from None
+mode_from_env("COMMON_COMPILE", set_compile)
 
 
 def compile_mode() -> str:

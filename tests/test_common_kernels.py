@@ -152,10 +152,11 @@ def test_set_compile_rejects_unknown_modes(mode):
         mode("sometimes")
 
 
-def test_bad_environment_mode_is_named():
-    r = subprocess.run([sys.executable, "-c", "import common.kernels"], cwd=Path(__file__).resolve().parents[1],
-                       env={**os.environ, "COMMON_COMPILE": "sometimes"}, capture_output=True, text=True)
-    assert r.returncode != 0 and "COMMON_COMPILE: compile mode 'sometimes'" in r.stderr
+@pytest.mark.parametrize("var,what", [("COMMON_COMPILE", "compile"), ("COMMON_INT_MATMUL", "integer matmul")])
+def test_bad_environment_mode_is_named(var, what):
+    r = subprocess.run([sys.executable, "-c", "import common"], cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, var: "sometimes"}, capture_output=True, text=True)
+    assert r.returncode != 0 and f"{var}: {what} mode 'sometimes'" in r.stderr
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
