@@ -57,6 +57,13 @@ def quantize_weight(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserv
     return fq(w - half, step, zp, qmin, qmax) + half
 
 
+def _grid_codes(x, s, code_lo, code_hi, values: bool):
+    """(fake-quantized x or None, its int8 codes) on the grid of step s: one pass, the values only if asked."""
+    if not values:
+        return None, kernels.quant_codes(x, 1.0 / s, code_lo, code_hi)
+    return kernels.fake_quant_codes(x, 1.0 / s, s, code_lo, code_hi)
+
+
 def quantize_weight_codes(w: torch.Tensor, step: torch.Tensor, bits: int, zero_preserving: bool, values: bool = True):
     """(quantize_weight(w, ...), its int8 codes) in one pass, without autograd: the same float ops, so the same
     values, and dequantize_weight(codes, step) gives them back bit for bit. values=False: (None, the codes)."""
@@ -64,10 +71,9 @@ def quantize_weight_codes(w: torch.Tensor, step: torch.Tensor, bits: int, zero_p
     s = step.reshape((-1, 1) if step.numel() > 1 else ()).float()
     half = s * 0.5
     x = w.float() if zero_preserving else w.float() - half
-    lo, hi = s.new_tensor(float(qmin)), s.new_tensor(float(qmax))
-    if not values:
-        return None, kernels.quant_codes(x, 1.0 / s, lo, hi)
-    wq, codes = kernels.fake_quant_codes(x, 1.0 / s, s, lo, hi)
+    wq, codes = _grid_codes(x, s, s.new_tensor(float(qmin)), s.new_tensor(float(qmax)), values)
+    if wq is None:
+        return None, codes
     return (wq if zero_preserving else wq + half).to(w.dtype), codes
 
 
@@ -98,10 +104,8 @@ def quantize_act_codes(x: torch.Tensor, scale, zp, bits: int, values: bool = Tru
     """(quantize_act(x, ...) on the zero-preserving grid, its codes minus the zero point as int8), without
     autograd and in one pass: the same float ops as `fq`, so the same values. values=False: (None, the codes)."""
     s, z = scale.reshape(()).float(), zp.reshape(()).float()
-    if not values:
-        return None, kernels.quant_codes(x.float(), 1.0 / s, 0 - z, 2**bits - 1 - z)
-    xq, codes = kernels.fake_quant_codes(x.float(), 1.0 / s, s, 0 - z, 2**bits - 1 - z)
-    return xq.to(x.dtype), codes
+    xq, codes = _grid_codes(x.float(), s, 0 - z, 2**bits - 1 - z, values)
+    return None if xq is None else xq.to(x.dtype), codes
 
 
 def quantize_act(x: torch.Tensor, scale, zp, bits: int, zero_preserving: bool) -> torch.Tensor:

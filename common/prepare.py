@@ -11,7 +11,7 @@ from torch import nn
 from . import int_matmul
 from .attention import (AttentionQuantizers, is_hf_attention, is_timm_attention, timm_compressed_attention_cls,
                         use_hf_compressed_attention)
-from .fake_quant import act_qparams, dequantize_weight, quantize_act, weight_codes
+from .fake_quant import act_qparams, dequantize_weight, quantize_act, quantize_weight_codes
 from .linear import CompressedLinear, WeightQuantSpec
 from .pact import ActQuantizer, _act_forward_codes
 from .recipe import Recipe
@@ -136,8 +136,9 @@ class FrozenCompressedLinear(nn.Module):
         self.register_buffer("mask", None if src.mask is None else src.mask.clone())
         if src.wspec is not None:
             step = src.wspec.step(w)
-            wq = src.wspec(w)
-            self.register_buffer("weight_codes", weight_codes(wq, step, self.zero_preserving))
+            # the codes exactly as the prepared layer's forward makes them
+            _, codes = quantize_weight_codes(w, step, self.w_bits, self.zero_preserving, values=False)
+            self.register_buffer("weight_codes", codes)
             self.register_buffer("weight_step", step.detach().clone())
             self.weight = None
         else:
