@@ -2,6 +2,8 @@
 linears, and the training-step ratios of bench_train_step.py; the GPU model is recorded with every number.
 
     python benchmarks/bench_gpu.py [--parts linears,e2e,train] [--iters N] [--json results/benchmarks_gpu.jsonl]
+    python benchmarks/bench_gpu.py --smoke     # no GPU: every part on the CPU at tiny sizes, in about a minute
+
 
 linears: M = 12 x 384 tokens (the paper's SQuAD batch) through BERT-base's weight shapes (out, in): 768x768
   (attention q/k/v/output), 3072x768 (FFN up), 768x3072 (FFN down), 2:4-pruned with common.nm_mask. fp16: F.linear
@@ -14,6 +16,9 @@ train: bench_train_step's variants (FP, W4A4, W4A4+2:4, +KD) on the GPU: step ti
 Times: GPU time from CUDA events with Python's launch overhead hidden behind a queued torch.cuda._sleep (the
 kernels' time), and wall time of synchronized calls (what eager code waits); medians. A part that raises is recorded
 as {"part", "error"} and the next part runs; the exit status is then non-zero. `render(records)` makes the markdown.
+--smoke runs the same code on the CPU at tiny sizes (its records say "smoke": true, its times are CPU wall times and
+mean nothing; the 2:4 kernels then fail and are recorded as such): device time is scarce, so the script's own code
+is checked where there is no GPU.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from common.runs import cpu_model  # noqa: E402
 
 PARTS = ("linears", "e2e", "train")
 TOKENS = 12 * 384  # the paper's BERT-base SQuAD batch: 12 sequences of 384 tokens
+E2E = dict(layers=12, batch=12, seq=384)
 SHAPES = {"attention q/k/v/output": (768, 768), "FFN up": (3072, 768), "FFN down": (768, 3072)}  # (out, in)
 DTYPES = {"fp16": torch.float16, "int8": torch.int8}
 BACKENDS = ("cusparselt", "cutlass")
@@ -48,6 +54,9 @@ LINEAR_REPS = 20    # back-to-back calls per timed sample: a linear takes tens o
 # the paper's training shapes on the GPU (the CPU script runs 2 layers, batch 2); seq is unused by vit (224² images)
 # and kept as bench_train_step records it
 TRAIN = {"bert": dict(layers=12, batch=12, seq=384), "vit": dict(layers=12, batch=64, seq=384)}
+# --smoke: the same parts on the CPU at sizes that take seconds (the weight shapes stay BERT-base's)
+SMOKE = dict(tokens=32, e2e=dict(layers=1, batch=2, seq=16),
+             train={"bert": dict(layers=1, batch=2, seq=16), "vit": dict(layers=1, batch=2, seq=16)})
 E2E_LABEL = {"fp": "FP BERT-base, fp16, SDPA attention",
              "frozen": "W4A4+2:4 as common.convert leaves it (4-bit codes dequantized every call)",
              "dense": "W4A4+2:4, the 2:4 linears' fp16 weights stored dense (cuBLAS)",
@@ -89,10 +98,11 @@ def int_mm_reason(m: int, k: int, n: int) -> str | None:
 
 
 def linear_record(dtype: str, backend: str, layer: str, out_f: int, in_f: int, dense: dict | None,
-                  sparse: dict | None, check: dict | None = None, unsupported: str | None = None) -> dict:
+                  sparse: dict | None, check: dict | None = None, unsupported: str | None = None,
+                  tokens: int = TOKENS) -> dict:
     """One (dtype, backend, shape) result; `dense`/`sparse` are time_gpu() dicts, None where not measured."""
     r = {"part": "linears", "dtype": dtype, "backend": backend, "layer": layer, "out_features": out_f,
-         "in_features": in_f, "tokens": TOKENS,
+         "in_features": in_f, "tokens": tokens,
          "dense_ms": dense and dense["gpu_ms"], "sparse_ms": sparse and sparse["gpu_ms"],
          "dense_wall_ms": dense and dense["wall_ms"], "sparse_wall_ms": sparse and sparse["wall_ms"],
          "speedup": None, "goal": GOAL, "goal_met": None, **(check or {})}
@@ -106,14 +116,15 @@ def linear_record(dtype: str, backend: str, layer: str, out_f: int, in_f: int, d
 
 def train_record(kind: str, args, gpu_name: str, step_s: dict, peak_mib: dict, compile_s: float | None) -> dict:
     """A train result in bench_train_step's record shape (benchmarks/report.py reads it), plus the GPU fields."""
-    return {"part": "train", "model": kind, **TRAIN[kind], "iters": args.train_iters, "warmup": args.train_warmup,
+    return {"part": "train", "model": kind, **args.train[kind], "iters": args.train_iters, "warmup": args.train_warmup,
             # "cpu" is the hardware field benchmarks/report.py prints: here it names the GPU
             "cpu": f"GPU {gpu_name} (host CPU {cpu_model()})", "device": gpu_name,
             **compile_info(), "compile_warmup_s": compile_s,
             "int_matmul": f"{common.int_matmul.int_matmul_mode()} (CPU only: unused on the GPU)",
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "fp_attention": "model default (SDPA / timm fused); compressed variants: explicit quantized attention",
-            "memory": "torch.cuda.max_memory_allocated above the allocation before the variant was built",
+            "memory": ("torch.cuda.max_memory_allocated above the allocation before the variant was built"
+                       if args.device.type == "cuda" else "not measured (--smoke)"),
             **step_ratios(step_s, peak_mib)}
 
 
@@ -121,7 +132,8 @@ def step_ratios(step_s: dict, peak_mib: dict) -> dict:
     """bench_train_step's result fields (same names, same rounding) from per-variant medians and peaks."""
     return {"step_s": {n: round(v, 4) for n, v in step_s.items()},
             "ratio_vs_fp": {n: round(v / step_s["fp"], 3) for n, v in step_s.items()},
-            "peak_mib": peak_mib, "peak_ratio_vs_fp": {n: round(v / peak_mib["fp"], 3) for n, v in peak_mib.items()}}
+            "peak_mib": peak_mib,
+            "peak_ratio_vs_fp": {n: round(v / peak_mib["fp"], 3) for n, v in peak_mib.items()} if peak_mib else {}}
 
 
 def short(e: BaseException, n: int = 600) -> str:
@@ -148,20 +160,29 @@ def cycles_per_ms() -> float:
     return _cycles_per_ms
 
 
-def time_gpu(fn, iters: int, warmup: int = 5, reps: int = 1) -> dict:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_gpu(fn, iters: int, warmup: int = 5, reps: int = 1, device: torch.device = torch.device("cuda")) -> dict:
     """Medians over `iters` samples of one fn() call, in ms: "wall_ms" of synchronized calls, and "gpu_ms" from
     CUDA events around `reps` back-to-back calls queued behind a torch.cuda._sleep that outlasts their launch, so
-    that Python's dispatch overhead is hidden and the events time the kernels."""
+    that Python's dispatch overhead is hidden and the events time the kernels. On the CPU (--smoke) both are the
+    wall time."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     walls = []
     for _ in range(iters):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+        sync(device)
         walls.append((time.perf_counter() - t0) * 1e3)
+    if device.type != "cuda":
+        wall = round(statistics.median(walls) / reps, 4)
+        return {"gpu_ms": wall, "wall_ms": wall}
     sleep = int(cycles_per_ms() * (1.5 * statistics.median(walls) + 1.0))  # > the launch time of the reps
     gpu = []
     for _ in range(iters):
@@ -179,13 +200,14 @@ def time_gpu(fn, iters: int, warmup: int = 5, reps: int = 1) -> dict:
 _compile_s: float | None = None
 
 
-def warm_kernels() -> float:
-    """Compile the quantizer kernels for CUDA once (common.kernels; a no-op with COMMON_COMPILE=0), seconds taken."""
+def warm_kernels(device: torch.device) -> float:
+    """Compile the quantizer kernels for the device once (common.kernels; a no-op with COMMON_COMPILE=0), seconds
+    taken."""
     global _compile_s
     if _compile_s is None:
         t0 = time.perf_counter()
-        common.kernels.warm_up("cuda")
-        torch.cuda.synchronize()
+        common.kernels.warm_up(device)
+        sync(device)
         _compile_s = round(time.perf_counter() - t0, 1)
     return _compile_s
 
@@ -212,21 +234,22 @@ def sparse_fn(backend: str, cls, dtype: str, w: torch.Tensor, x: torch.Tensor):
 def part_linears(args, rec) -> None:
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
     classes = {"cusparselt": SparseSemiStructuredTensorCUSPARSELT, "cutlass": SparseSemiStructuredTensorCUTLASS}
-    gen = torch.Generator().manual_seed(0)
+    gen, dev, tokens = torch.Generator().manual_seed(0), args.device, args.tokens
+    timed = lambda fn: time_gpu(fn, args.iters, warmup=10, reps=LINEAR_REPS, device=dev)  # noqa: E731
     for layer, (out_f, in_f) in SHAPES.items():
         w = pruned_weight(out_f, in_f, gen)
-        x = torch.randn(TOKENS, in_f, generator=gen)
-        w8, x8 = int8_operands(w, TOKENS, gen)
-        operands = {"fp16": (w.half().cuda(), x.half().cuda()), "int8": (w8.cuda(), x8.cuda())}
+        x = torch.randn(tokens, in_f, generator=gen)
+        w8, x8 = int8_operands(w, tokens, gen)
+        operands = {"fp16": (w.half().to(dev), x.half().to(dev)), "int8": (w8.to(dev), x8.to(dev))}
         for dtype, (wd, xd) in operands.items():
             dense_fn = ((lambda: F.linear(xd, wd)) if dtype == "fp16" else (lambda: torch._int_mm(xd, wd.t())))
             dense = ref = dense_err = None
             try:
-                reason = int_mm_reason(TOKENS, in_f, out_f) if dtype == "int8" else None
+                reason = int_mm_reason(tokens, in_f, out_f) if dtype == "int8" and dev.type == "cuda" else None
                 if reason:
                     raise RuntimeError(reason)
                 ref = dense_fn()
-                dense = time_gpu(dense_fn, args.iters, warmup=10, reps=LINEAR_REPS)
+                dense = timed(dense_fn)
             except Exception as e:  # noqa: BLE001 -- recorded as the reason of every backend's row
                 dense_err = f"dense baseline failed: {short(e)}"
             for backend, cls in classes.items():
@@ -245,10 +268,10 @@ def part_linears(args, rec) -> None:
                     check = {"max_abs_diff": diff, "max_abs_dense": float(ref.double().abs().max())}
                     if dtype == "int8":
                         check["exact"] = diff == 0
-                    rec(linear_record(dtype, backend, layer, out_f, in_f, dense,
-                                      time_gpu(fn, args.iters, warmup=10, reps=LINEAR_REPS), check))
+                    rec(linear_record(dtype, backend, layer, out_f, in_f, dense, timed(fn), check, tokens=tokens))
                 except Exception as e:  # noqa: BLE001 -- this backend cannot run this case: the reason, no number
-                    rec(linear_record(dtype, backend, layer, out_f, in_f, dense, None, unsupported=short(e)))
+                    rec(linear_record(dtype, backend, layer, out_f, in_f, dense, None, unsupported=short(e),
+                                      tokens=tokens))
 
 
 # -- part 2: end-to-end BERT-base inference -----------------------------------------------------------------------
@@ -267,14 +290,15 @@ def _logits(out) -> torch.Tensor:
 
 def part_e2e(args, rec) -> None:
     from common.export import SemiStructuredLinear, to_semi_structured
-    compile_s = warm_kernels()
+    dev, size = args.device, args.e2e
+    compile_s = warm_kernels(dev)
     torch.manual_seed(0)
-    base = bts.build("bert", 12).eval()  # BertConfig() defaults: BERT-base, SDPA attention, random init
-    batch = {k: v.cuda() for k, v in bts.model_inputs(bts.make_batch("bert", 12, 384)).items()}
-    fp = copy.deepcopy(base).cuda().half().eval()
-    m = base.cuda()
+    base = bts.build("bert", size["layers"]).eval()  # BertConfig() defaults: BERT-base, SDPA attention, random init
+    batch = {k: v.to(dev) for k, v in bts.model_inputs(bts.make_batch("bert", size["batch"], size["seq"])).items()}
+    fp = copy.deepcopy(base).to(dev).half().eval()
+    m = base.to(dev)
     common.prepare(m, common.Recipe())  # W4A4 + 2:4, attention operands quantized
-    m.cuda()  # prepare creates the activation quantizers on the CPU
+    m.to(dev)  # prepare creates the activation quantizers on the CPU
     common.calibrate(m, [batch])  # calibrated in float32, as the pipelines do
     common.convert(m)
     # fp16 compute throughout: the frozen layers dequantize their codes in the dtype of their (now fp16) steps
@@ -290,6 +314,9 @@ def part_e2e(args, rec) -> None:
             errors[f"sparse_{b}"] = short(e)
     models = {"fp": fp, "frozen": m}
     names = next((i["converted"] for i in infos.values() if i["converted"]), None)
+    if not names and dev.type != "cuda":  # --smoke: no backend converts on the CPU; the 2:4 layers it would take
+        names = [n for n, mod in m.named_modules() if isinstance(mod, common.FrozenCompressedLinear)
+                 and tuple(mod.nm or ()) == (2, 4)]
     if names:  # the layers to_semi_structured converted, with the same wrapper and a dense weight
         dense = copy.deepcopy(m)
         for name in names:
@@ -305,13 +332,14 @@ def part_e2e(args, rec) -> None:
         for name, model in models.items():
             try:
                 outs[name] = _logits(model(**batch))
-                times[name] = time_gpu(lambda: model(**batch), args.iters, warmup=3)
+                times[name] = time_gpu(lambda: model(**batch), args.iters, warmup=3, device=dev)
             except Exception as e:  # noqa: BLE001 -- e.g. CUTLASS's 2:4 kernels on a GPU they were not built for
                 errors[name] = short(e)
     gpu = {n: t["gpu_ms"] for n, t in times.items()}
     ref = outs.get("dense")
-    rec({"part": "e2e", "model": "bert-base QA (BertConfig() defaults: 12 layers, hidden 768; random init)",
-         "layers": 12, "batch": 12, "seq": 384, "dtype": "fp16", "recipe": "common.Recipe(): W4A4 + 2:4",
+    rec({"part": "e2e", "model": f"bert-base QA (BertConfig() defaults: {size['layers']} layers, hidden 768; "
+                                  "random init)",
+         **size, "dtype": "fp16", "recipe": "common.Recipe(): W4A4 + 2:4",
          "iters": args.iters, "variants": {n: E2E_LABEL[n] for n in models},
          "gpu_ms": gpu, "wall_ms": {n: t["wall_ms"] for n, t in times.items()},
          "speedup_vs_fp": {n: round(gpu["fp"] / v, 3) for n, v in gpu.items()} if "fp" in gpu else {},
@@ -325,13 +353,13 @@ def part_e2e(args, rec) -> None:
 
 
 # -- part 3: training steps ---------------------------------------------------------------------------------------
-def gpu_variant(ns, name: str, base, batch):
+def gpu_variant(ns, name: str, base, batch, device: torch.device = torch.device("cuda")):
     """bench_train_step.build_variant without use_fast_dropout, which it applies as the pipelines do on CPU: on a
     GPU the pipelines keep ATen's dropout and SDPA's fused attention (common/stage.py), so FP times that path."""
     m, kd = bts.build_variant(ns, name, base, batch, fast_dropout=False)
-    # .cuda(): prepare creates the activation quantizers on the CPU (calibration only observes, so they may stay
+    # .to(device): prepare creates the activation quantizers on the CPU (calibration only observes, so they may stay
     # there until now); the KD teacher is a copy of the GPU base
-    return m.cuda(), kd
+    return m.to(device), kd
 
 
 def peak_mib(ns, name: str, base, batch) -> float:
@@ -341,8 +369,8 @@ def peak_mib(ns, name: str, base, batch) -> float:
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    m, kd = gpu_variant(ns, name, base, batch)
-    torch.cuda.synchronize()
+    m, kd = gpu_variant(ns, name, base, batch, ns.device)
+    sync(ns.device)
     torch.cuda.reset_peak_memory_stats()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
     for _ in range(3):
@@ -360,35 +388,37 @@ def time_steps(ns, base, batch, warmup: int, iters: int) -> dict:
     (GPU load then affects all alike), each step synchronized before and after."""
     models, kds = {}, {}
     for name in bts.VARIANTS:
-        models[name], kds[name] = gpu_variant(ns, name, base, batch)
+        models[name], kds[name] = gpu_variant(ns, name, base, batch, ns.device)
     times = {n: [] for n in models}
     for it in range(warmup + iters):
         for n, m in models.items():
             m.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync(ns.device)
             t0 = time.perf_counter()
             bts.step_fn(ns.model, m, batch, kds[n])
-            torch.cuda.synchronize()
+            sync(ns.device)
             if it >= warmup:
                 times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in times.items()}  # the models are freed on return
 
 
 def part_train(args, rec) -> None:
-    compile_s = warm_kernels()
-    gpu_name = torch.cuda.get_device_name()
+    dev = args.device
+    compile_s = warm_kernels(dev)
     for kind in args.train_models.split(","):
-        cfg = TRAIN[kind]
-        ns = argparse.Namespace(model=kind, layers=cfg["layers"])
+        cfg = args.train[kind]
+        ns = argparse.Namespace(model=kind, layers=cfg["layers"], device=dev)
         torch.manual_seed(0)
-        base = bts.build(kind, cfg["layers"]).cuda()
-        batch = {k: v.cuda() for k, v in bts.make_batch(kind, cfg["batch"], cfg["seq"]).items()}
+        base = bts.build(kind, cfg["layers"]).to(dev)
+        batch = {k: v.to(dev) for k, v in bts.make_batch(kind, cfg["batch"], cfg["seq"]).items()}
         step_s = time_steps(ns, base, batch, args.train_warmup, args.train_iters)
-        peaks = {n: peak_mib(ns, n, base, batch) for n in bts.VARIANTS}
-        rec(train_record(kind, args, gpu_name, step_s, peaks, compile_s))
+        # peak memory from CUDA's allocator only (bench_train_step measures the CPU's)
+        peaks = {n: peak_mib(ns, n, base, batch) for n in bts.VARIANTS} if dev.type == "cuda" else {}
+        rec(train_record(kind, args, args.gpu_name, step_s, peaks, compile_s))
         del base, batch
         gc.collect()
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 PART_FNS = {"linears": part_linears, "e2e": part_e2e, "train": part_train}
@@ -413,7 +443,7 @@ def _x(v) -> str:
 
 
 def _render_linears(recs: list[dict]) -> list[str]:
-    out = [f"2:4-pruned weights x {TOKENS} tokens (12 x 384). fp16: F.linear with the dense weight (cuBLAS) vs with "
+    out = [f"2:4-pruned weights x {recs[0]['tokens']} tokens{' (12 x 384)' if recs[0]['tokens'] == TOKENS else ''}. fp16: F.linear with the dense weight (cuBLAS) vs with "
            "`SparseSemiStructuredTensor<backend>.from_dense(W)`; int8 (4-bit codes): `torch._int_mm` vs "
            "`torch._cslt_sparse_mm` / `torch._sparse_semi_structured_mm` with int32 output. GPU time per call "
            "(launch overhead hidden), median.", "",
@@ -484,7 +514,8 @@ def _render_train(recs: list[dict]) -> list[str]:
         pr = r.get("peak_ratio_vs_fp", {})
         for v, t in r["step_s"].items():
             ratio = r["ratio_vs_fp"][v]
-            goal = f"≤ {report.GOALS[v]:.2f}x: {report.verdict(ratio, report.GOALS[v])}" if v in report.GOALS else ""
+            goal = (f"≤ {report.GOALS[v]:.2f}x: {report.verdict(ratio, report.GOALS[v])}"
+                    if v in report.GOALS and not r.get("smoke") else "")
             mgoal = (f"≤ {report.MEMORY_GOAL:.2f}x: {report.verdict(pr.get(v), report.MEMORY_GOAL)}"
                      if v != "fp" and not v.endswith("_kd") and v in pr else "")
             out.append(f"| {report.VARIANT_LABEL.get(v, v)} | {t:.4f} | {ratio:.3f} | {goal} | "
@@ -507,6 +538,8 @@ def render(records: list[dict]) -> str:
                                 "results/benchmarks_gpu.jsonl` on a machine with a CUDA GPU.", ""])
     for part in PARTS:
         recs = [r for r in records if r.get("part") == part]
+        if any(not r.get("smoke") for r in recs):  # a --smoke run never hides a measurement
+            recs = [r for r in recs if not r.get("smoke")]
         if not recs:
             continue
         last = max(r.get("run", "") for r in recs)  # a rerun replaces the part's older numbers
@@ -516,6 +549,9 @@ def render(records: list[dict]) -> str:
                 f"GPU: {r0.get('gpu', '?')} (compute capability {r0.get('sm', '?')}) · torch {r0.get('torch', '?')} "
                 f"· CUDA {r0.get('cuda', '?')} · cuSPARSELt {r0.get('cusparselt') or 'n/a'} · date: "
                 f"{r0.get('date', '?')}", "", f"Command: `{r0.get('command', '?')}`", ""]
+        if r0.get("smoke"):
+            out += ["**Smoke run (--smoke): CPU, tiny sizes. It checks the script's code paths; its times are CPU "
+                    "wall times and measure nothing.**", ""]
         out += [f"**Failed:** {_md(r['error'])}" for r in recs if "error" in r]
         good = [r for r in recs if "error" not in r]
         out += ([""] if len(good) < len(recs) else []) + (RENDER[part](good) if good else [])
@@ -531,20 +567,29 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--train-warmup", type=int, default=3)
     ap.add_argument("--train-models", default="bert,vit", help="comma-separated, of bert,vit")
     ap.add_argument("--json", type=str, default=None, help="append one JSON line per record to this file")
+    ap.add_argument("--smoke", action="store_true",
+                    help="no GPU needed: run every part on the CPU at tiny sizes to check this script's code paths "
+                         "(CPU wall times, meaningless; records marked \"smoke\")")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if not parts or set(parts) - set(PARTS):
         ap.error(f"--parts: expected a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
     if set(args.train_models.split(",")) - set(TRAIN):
         ap.error(f"--train-models: expected a comma-separated subset of {','.join(TRAIN)}, got {args.train_models!r}")
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/bench_gpu.py: needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "nothing was measured")
+    if args.smoke:
+        args.device, args.gpu_name = torch.device("cpu"), "none (--smoke on the CPU)"
+        args.tokens, args.e2e, args.train = SMOKE["tokens"], SMOKE["e2e"], SMOKE["train"]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks/bench_gpu.py: needs a CUDA GPU (torch.cuda.is_available() is False); "
+                             "nothing was measured (--smoke checks the script on the CPU)")
+        args.device, args.gpu_name = torch.device("cuda"), torch.cuda.get_device_name()
+        args.tokens, args.e2e, args.train = TOKENS, E2E, TRAIN
     run = datetime.now(timezone.utc).isoformat(timespec="seconds")  # shared by this run's records
-    meta = {"gpu": torch.cuda.get_device_name(), "sm": "%d.%d" % torch.cuda.get_device_capability(),
+    meta = {"gpu": args.gpu_name, "sm": "%d.%d" % torch.cuda.get_device_capability() if not args.smoke else None,
             "torch": torch.__version__, "cuda": torch.version.cuda, "cusparselt": torch.backends.cusparselt.version(),
             "command": "python benchmarks/bench_gpu.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "run": run}
+            "run": run, **({"smoke": True} if args.smoke else {})}
     records = []
 
     def rec(r: dict) -> None:
@@ -565,7 +610,8 @@ def main(argv=None) -> list[dict]:
             failed.append(part)
             rec({"part": part, "error": short(e, 2000)})
         gc.collect()
-        torch.cuda.empty_cache()
+        if not args.smoke:
+            torch.cuda.empty_cache()
         print(render([r for r in records if r["part"] == part]))
         print(f"[{part}: {time.perf_counter() - t0:.0f} s]\n", flush=True)
     print(f"[bench_gpu: {time.perf_counter() - t_start:.0f} s in all]")

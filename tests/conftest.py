@@ -24,3 +24,14 @@ def float_matmul():
     int_matmul.set_int_matmul(False)
     yield
     int_matmul.set_int_matmul(old)
+
+
+@pytest.fixture
+def eager_quantizers():
+    """common.kernels' quantizers run eagerly (COMMON_COMPILE=0): compiling them for the CPU would take most of a
+    short test's time; restores the mode afterwards."""
+    from common import kernels
+    old = kernels.compile_mode()
+    kernels.set_compile("0")
+    yield
+    kernels.set_compile(old)

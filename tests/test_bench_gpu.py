@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -74,7 +73,8 @@ def test_linear_record_speedup_and_goal():
 
 
 def _args(**kw):
-    return argparse.Namespace(**{"train_iters": 10, "train_warmup": 3, **kw})
+    return argparse.Namespace(**{"train_iters": 10, "train_warmup": 3, "train": bench_gpu.TRAIN,
+                                 "device": torch.device("cuda"), **kw})
 
 
 def _meta(run):
@@ -152,27 +152,19 @@ def test_train_record_is_read_by_the_cpu_report():
     assert "| W4A4+2:4 | 0.054 | 1.090 | ≤ 1.10x: met |" in md
 
 
-def test_gpu_variant_keeps_the_gpu_paths():
+def test_gpu_variant_keeps_the_gpu_paths(eager_quantizers):
     """FP keeps SDPA attention and ATen's dropout (use_fast_dropout is for CPU training only); the compressed
     variants run the quantized attention."""
-    from torch import nn
-
     import bench_train_step as bts
     from common.fast_dropout import FastDropout
-    ns = argparse.Namespace(model="bert", layers=1)
+    ns = argparse.Namespace(model="bert", layers=1, device=torch.device("cpu"))
     from transformers import BertConfig, BertForQuestionAnswering
     cfg = BertConfig(vocab_size=20000, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,  # ids < 20000
                      intermediate_size=128, attn_implementation="sdpa")
     base = BertForQuestionAnswering(cfg)
     batch = bts.make_batch("bert", 1, 16)
-    mode = common.kernels.compile_mode()
-    common.kernels.set_compile("0")  # eager quantizers: compiling them for the CPU would take most of the test's time
-    try:
-        with mock.patch.object(nn.Module, "cuda", lambda self, *a, **k: self):  # no GPU here: .cuda() is a no-op
-            fp, kd = bench_gpu.gpu_variant(ns, "fp", base, batch)
-            q, qkd = bench_gpu.gpu_variant(ns, "w4a4_2:4_kd", base, batch)
-    finally:
-        common.kernels.set_compile(mode)
+    fp, kd = bench_gpu.gpu_variant(ns, "fp", base, batch, ns.device)
+    q, qkd = bench_gpu.gpu_variant(ns, "w4a4_2:4_kd", base, batch, ns.device)
     assert kd is None and fp.config._attn_implementation == "sdpa"
     assert not any(isinstance(m, FastDropout) for m in list(fp.modules()) + list(q.modules()))
     assert q.config._attn_implementation == "compressed" and common.compressed_linears(q)
@@ -193,3 +185,28 @@ def test_report_page_gains_the_gpu_section(tmp_path):
     gpu.write_text('{"gpu": "x"}\n')
     with pytest.raises(SystemExit, match=r"g.jsonl:1: not a GPU benchmark record"):
         report.main([str(cpu), "--out", str(out), "--gpu", str(gpu)])
+
+
+def test_smoke_runs_every_part_on_the_cpu(tmp_path, eager_quantizers):
+    """--smoke: the script's own code, every part, at tiny sizes on the CPU (no GPU was ever lent to check it there).
+    What needs CUDA fails as recorded reasons; everything else runs and lands in the records."""
+    out = tmp_path / "smoke.jsonl"
+    recs = bench_gpu.main(["--smoke", "--iters", "1", "--train-iters", "1", "--train-warmup", "0", "--json", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == recs
+    assert all(r["smoke"] and "error" not in r for r in recs)
+    lin = [r for r in recs if r["part"] == "linears"]
+    assert len(lin) == len(bench_gpu.SHAPES) * len(bench_gpu.DTYPES) * len(bench_gpu.BACKENDS)
+    assert all(r["dense_ms"] > 0 and r["tokens"] == bench_gpu.SMOKE["tokens"] and r["unsupported"] for r in lin)
+    (e2e,) = [r for r in recs if r["part"] == "e2e"]
+    assert set(e2e["gpu_ms"]) == {"fp", "frozen", "dense"} and set(e2e["errors"]) == {"sparse_cusparselt",
+                                                                                      "sparse_cutlass"}
+    assert e2e["max_abs_diff_vs_dense"] == {"frozen": 0.0}  # the dense stand-in computes what the frozen model does
+    assert e2e["layers"] == 1 and e2e["batch"] == 2
+    train = {r["model"]: r for r in recs if r["part"] == "train"}
+    assert set(train) == {"bert", "vit"} and all(set(r["step_s"]) == set(bench_gpu.bts.VARIANTS) for r in train.values())
+    assert all(r["peak_mib"] == {} and r["memory"] == "not measured (--smoke)" for r in train.values())
+    md = bench_gpu.render(recs)
+    assert md.count("**Smoke run (--smoke)") == 3 and ": met" not in md and ": missed" not in md
+    real = [r for r in _synthetic()[1:] if r["part"] != "e2e"]  # measured linears and train replace their smoke
+    md = bench_gpu.render(recs + real)
+    assert md.count("**Smoke run (--smoke)") == 1 and "### End-to-end" in md
