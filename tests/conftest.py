@@ -9,6 +9,16 @@ sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(2)
 
+# Tests taking the `device` fixture run on the CPU and, where one is present, on a CUDA GPU as well: the same
+# invariants (exact equalities included) checked on the GPU code paths (Triton kernels, cuBLAS, no int8 matmul).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -28,18 +28,22 @@ def both(mode, fn):
     return compiled, fn()
 
 
-def layouts():
+def T(v, device):
+    return torch.tensor(v, device=device)
+
+
+def layouts(device="cpu"):
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(2, 5, 3, 8, generator=g) * 3
+    base = (torch.randn(2, 5, 3, 8, generator=g) * 3).to(device)
     return {"contiguous": base, "transposed": base.transpose(1, 2), "permuted": base.permute(3, 1, 0, 2),
             "sliced": base[:, 1:4, :, ::2], "2d": base.reshape(30, 8), "scalar": base[0, 0, 0, 0]}
 
 
 @pytest.mark.parametrize("layout", list(layouts()))
-def test_fake_quant_exact_in_every_layout(mode, layout):
-    x = layouts()[layout]
-    s = torch.tensor(0.37)
-    args = (x, 1.0 / s, s, torch.tensor(-7.0), torch.tensor(7.0))
+def test_fake_quant_exact_in_every_layout(mode, layout, device):
+    x = layouts(device)[layout]
+    s = T(0.37, device)
+    args = (x, 1.0 / s, s, T(-7.0, device), T(7.0, device))
     got, ref = both(mode, lambda: kernels.fake_quant(*args))
     assert torch.equal(got, ref)
     assert torch.equal(ref, torch.clamp(torch.round(x * (1.0 / s)), -7, 7) * s)
@@ -48,10 +52,10 @@ def test_fake_quant_exact_in_every_layout(mode, layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced", "2d"])
-def test_fake_quant_codes_are_the_fake_quant_values_as_int8(mode, layout):
-    x = layouts()[layout]
-    s = torch.tensor(0.37)
-    args = (x, 1.0 / s, s, torch.tensor(-7.0), torch.tensor(7.0))
+def test_fake_quant_codes_are_the_fake_quant_values_as_int8(mode, layout, device):
+    x = layouts(device)[layout]
+    s = T(0.37, device)
+    args = (x, 1.0 / s, s, T(-7.0, device), T(7.0, device))
     (wq, codes), (wq_ref, codes_ref) = both(mode, lambda: kernels.fake_quant_codes(*args))
     assert torch.equal(wq, wq_ref) and torch.equal(codes, codes_ref)
     assert torch.equal(wq, kernels.fake_quant(*args))
@@ -60,19 +64,19 @@ def test_fake_quant_codes_are_the_fake_quant_values_as_int8(mode, layout):
         assert codes.stride() == x.stride()
 
 
-def test_fake_quant_per_row(mode):
-    w = torch.randn(6, 10)
-    s = torch.rand(6, 1) + 0.1
-    got, ref = both(mode, lambda: kernels.fake_quant(w, 1.0 / s, s, torch.tensor(-7.0), torch.tensor(7.0)))
+def test_fake_quant_per_row(mode, device):
+    w = torch.randn(6, 10, device=device)
+    s = torch.rand(6, 1, device=device) + 0.1
+    got, ref = both(mode, lambda: kernels.fake_quant(w, 1.0 / s, s, T(-7.0, device), T(7.0, device)))
     assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("plus", [False, True])
-def test_ste_backward_matches_eager(mode, layout, plus):
-    x = layouts()[layout]
-    g = torch.randn(x.shape).contiguous()  # the incoming gradient laid out unlike x
-    lo, hi = torch.tensor(-2.0), torch.tensor(2.5)
+def test_ste_backward_matches_eager(mode, layout, plus, device):
+    x = layouts(device)[layout]
+    g = torch.randn(x.shape, device=device).contiguous()  # the incoming gradient laid out unlike x
+    lo, hi = T(-2.0, device), T(2.5, device)
     xq = x.clamp(-2.0, 2.5).round() if plus else None
     got, ref = both(mode, lambda: kernels.ste_backward(g, x, lo, hi, xq, signed=True))
     assert torch.equal(got[0], ref[0])
@@ -89,8 +93,8 @@ def test_ste_backward_matches_eager(mode, layout, plus):
 
 
 @pytest.mark.parametrize("per_row", [False, True])
-def test_abs_moments(mode, per_row):
-    w = torch.randn(12, 40)
+def test_abs_moments(mode, per_row, device):
+    w = torch.randn(12, 40, device=device)
     got, ref = both(mode, lambda: kernels.abs_moments(w, per_row))
     dims = dict(dim=1, keepdim=True) if per_row else {}
     expect = ((w * w).sum(**dims), w.abs().sum(**dims), w.abs().amax(**dims))
@@ -99,14 +103,14 @@ def test_abs_moments(mode, per_row):
         torch.testing.assert_close(b, e)
 
 
-def test_compressed_linear_same_compiled_or_not(mode):
+def test_compressed_linear_same_compiled_or_not(mode, device):
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8)
     aq = ActQuantizer(4, "pact")
     aq.lo.data.fill_(-1.5)
     aq.hi.data.fill_(1.5)
-    layer = CompressedLinear.from_linear(lin, WeightQuantSpec(4, density=0.5), aq, (2, 4))
-    x = torch.randn(3, 5, 16) * 2
+    layer = CompressedLinear.from_linear(lin, WeightQuantSpec(4, density=0.5), aq, (2, 4)).to(device)
+    x = torch.randn(3, 5, 16, device=device) * 2
 
     def run():
         layer.zero_grad(set_to_none=True)
@@ -160,10 +164,10 @@ def test_bad_environment_mode_is_named(var, what):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
-def test_quant_codes_are_fake_quant_codes_codes(mode, layout):
-    x = layouts()[layout]
-    s = torch.tensor(0.37)
-    lo, hi = torch.tensor(-7.0), torch.tensor(7.0)
+def test_quant_codes_are_fake_quant_codes_codes(mode, layout, device):
+    x = layouts(device)[layout]
+    s = T(0.37, device)
+    lo, hi = T(-7.0, device), T(7.0, device)
     got, ref = both(mode, lambda: kernels.quant_codes(x, 1.0 / s, lo, hi))
     assert torch.equal(got, ref) and got.dtype == torch.int8
     assert torch.equal(ref, kernels.fake_quant_codes(x, 1.0 / s, s, lo, hi)[1])
@@ -171,9 +175,9 @@ def test_quant_codes_are_fake_quant_codes_codes(mode, layout):
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_mask_in_place(mode, dtype, layout):
-    g0 = torch.randn(12, 40)
-    mask = torch.rand(12, 40) > 0.5
+def test_mask_in_place(mode, dtype, layout, device):
+    g0 = torch.randn(12, 40, device=device)
+    mask = torch.rand(12, 40, device=device) > 0.5
     if layout == "transposed":  # not laid out alike: the eager fallback
         g0, mask = g0.t(), mask.t()
     expect = torch.where(mask, g0, 0)

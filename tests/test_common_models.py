@@ -15,6 +15,10 @@ def _run(model, batch):
     return common.logits_of(out)
 
 
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+
+
 CASES = {
     "bert": (tiny_bert_qa, bert_batch, {"embeddings", "qa_outputs"}),
     "wav2vec2": (tiny_wav2vec2_ctc, wav_batch, {"feature_projection", "lm_head"}),
@@ -40,10 +44,10 @@ def test_prepare_swaps_every_backbone_linear(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_convert_equals_prepared_exactly(name):
+def test_convert_equals_prepared_exactly(name, device):
     build, batch_fn, _ = CASES[name]
-    model = common.prepare(build(), common.Recipe())
-    batch = batch_fn()
+    model = common.prepare(build(), common.Recipe()).to(device)
+    batch = _to(batch_fn(), device)
     common.calibrate(model, [batch])
     model.eval()
     with torch.no_grad():
@@ -59,12 +63,12 @@ def test_convert_equals_prepared_exactly(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_attention_quantization_changes_output_and_gets_gradients(name):
+def test_attention_quantization_changes_output_and_gets_gradients(name, device):
     build, batch_fn, _ = CASES[name]
     base = build().eval()
-    batch = batch_fn()
-    off = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=False))
-    on = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=True))
+    batch = _to(batch_fn(), device)
+    off = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=False)).to(device)
+    on = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=True)).to(device)
     for m in (off, on):
         common.calibrate(m, [batch])
     with torch.no_grad():
@@ -120,14 +124,14 @@ def test_summary_reports_16x():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_compiled_kernels_train_like_eager(name):
+def test_compiled_kernels_train_like_eager(name, device):
     """W4A4+2:4 with quantized attention, forward and backward, compiled kernels (forced for these tiny tensors)
     vs eager: the same outputs and gradients (up to the order of additions in the SAWB and clip sums)."""
     from common import kernels
     build, batch_fn, _ = CASES[name]
     torch.manual_seed(0)
-    model = common.prepare(build(), common.Recipe())
-    batch = batch_fn()
+    model = common.prepare(build(), common.Recipe()).to(device)
+    batch = _to(batch_fn(), device)
     common.calibrate(model, [batch])
     model.train()
     results = []
@@ -148,3 +152,30 @@ def test_compiled_kernels_train_like_eager(name):
     assert g1.keys() == g0.keys() and any(n.endswith(".hi") for n in g1)
     for n in g1:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_autocast_training_steps(name, device):
+    """Mixed-precision fine-tuning (Trainer's bf16=true): the compressed forward and backward run under autocast,
+    the masks hold and the activation clips train."""
+    build, batch_fn, _ = CASES[name]
+    model = common.prepare(build(), common.Recipe()).to(device)
+    batch = _to(batch_fn(), device)
+    common.calibrate(model, [batch])
+    model.train()
+    lins = common.compressed_linears(model)
+    masks = {n: lin.mask.clone() for n, lin in lins.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = _run(model, batch)[0]
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    for n, lin in lins.items():
+        assert torch.equal(lin.mask, masks[n]) and lin.weight[~lin.mask].eq(0).all()
+    hi = [m.hi for m in model.modules() if isinstance(m, common.ActQuantizer)]
+    assert hi and any(h.grad is not None and h.grad.ne(0).any() for h in hi)

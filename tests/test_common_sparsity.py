@@ -20,15 +20,15 @@ def _mlp():
 
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
 @pytest.mark.parametrize("recipe", [dict(), dict(w_bits=32, a_bits=32)])
-def test_mask_fixed_through_50_steps(opt, recipe):
-    model = common.prepare(_mlp(), common.Recipe(quantize_attention=False, skip=[], **recipe))
+def test_mask_fixed_through_50_steps(opt, recipe, device):
+    model = common.prepare(_mlp(), common.Recipe(quantize_attention=False, skip=[], **recipe)).to(device)
     lins = list(common.compressed_linears(model).values())
     masks0 = [l.mask.clone() for l in lins]
     for l in lins:
         assert check_nm(l.mask) and check_nm(l.weight) and check_nm(l.effective_weight())
     o = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) if opt == "adamw" else
          torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1))
-    x, y = torch.randn(64, 16), torch.randn(64, 8)
+    x, y = torch.randn(64, 16, device=device), torch.randn(64, 8, device=device)
     for _ in range(50):
         o.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
