@@ -1,8 +1,11 @@
 """`make reproduce`: run every stage (and ablation) of every pipeline at one scale, then regenerate results/.
 
-    python reproduce.py --scale mini [--quick 1] [--force 1] [--pipelines bert_squad vit_imagenet ...]
+    python reproduce.py --scale mini [--quick 1] [--force 1] [--seeds N] [--pipelines bert_squad vit_imagenet ...]
 
 A stage whose run dir already has metrics.json and the same resolved config is skipped (FORCE=1 redoes it).
+--seeds N (N > 1) then runs every stage but fp N-1 more times with other seeds (train.seed + k), into
+<stage>_seed<k>/, on the same upstream runs (the fp teacher, the init_from checkpoints of the default seed):
+results/seeds.md reports each stage's spread, and the ablation deltas against it.
 SCALE=paper first checks that every model and data set the configs name is reachable, and stops with a list of
 what is missing before anything runs.
 """
@@ -42,12 +45,19 @@ def stages_of(pipeline: str, scale: str, quick: bool) -> list[str]:
     return [s for s in wanted if config_path(pipeline, scale, s).exists()]
 
 
-def resolved(pipeline: str, scale: str, stage: str) -> dict:
-    return expand_paths(load_config(config_path(pipeline, scale, stage)), pipeline)
+def resolved(pipeline: str, scale: str, stage: str, overrides: list[str] | None = None) -> dict:
+    return expand_paths(load_config(config_path(pipeline, scale, stage), overrides or []), pipeline)
+
+
+def repeat_overrides(cfg: dict, k: int) -> list[str]:
+    """The k-th extra seed of a stage (choice: the seed, data order, dropout and calibration batches change;
+    the upstream checkpoints stay those of the default seed, so the spread is this stage's own)."""
+    return [f"seed_repeat={k}", f"train.seed={int(cfg['train']['seed']) + k}", f"output_dir={cfg['output_dir']}_seed{k}"]
 
 
 def comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in VOLATILE}
+    # a key added to the configs later with a null default does not make finished runs stale
+    return {k: v for k, v in cfg.items() if k not in VOLATILE and v is not None}
 
 
 def is_done(cfg: dict) -> bool:
@@ -121,13 +131,13 @@ def torch_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False) -> int:
+def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False, overrides: list[str] | None = None) -> int:
     return call_main(f"{pipeline}.train", ["--config", str(config_path(pipeline, scale, stage)),
-                                           "overwrite_output_dir=true"], isolate)
+                                           "overwrite_output_dir=true", *(overrides or [])], isolate)
 
 
 def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: float, status: str,
-                isolate: bool) -> None:
+                isolate: bool, repeat: int = 0) -> None:
     """RUNS_DIR/<scale>/reproduce_times.json: the wall time of each stage's last run through this script (train,
     evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs."""
     from common.runs import hardware
@@ -136,10 +146,10 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
         times = json.loads(path.read_text())
     except (OSError, ValueError):
         times = {}
-    times[f"{pipeline}/{stage}"] = {
-        "pipeline": pipeline, "stage": stage, "main_row": stage in MAIN, "seconds": round(seconds, 1),
+    times[f"{pipeline}/{stage}" + (f"_seed{repeat}" if repeat else "")] = {
+        "pipeline": pipeline, "stage": stage, "main_row": stage in MAIN and not repeat, "seconds": round(seconds, 1),
         "status": status, "hardware": hardware(), "in_process": not isolate,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **({"seed_repeat": repeat} if repeat else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times, indent=1) + "\n")
 
@@ -165,7 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--force", type=int, default=0, help="1: redo finished stages")
     ap.add_argument("--pipelines", nargs="+", default=["bert_squad", "vit_imagenet", "wav2vec_librispeech"])
     ap.add_argument("--isolate", type=int, default=0, help="1: each stage and export in its own process")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="N > 1: also run every stage but fp with N-1 other seeds (results/seeds.md)")
     a = ap.parse_args(argv)
+    if a.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {a.seeds}")
     isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
     pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
@@ -179,23 +193,31 @@ def main(argv=None) -> int:
     t_all = time.time()
     failed = []
     for p in pipelines:
-        for stage in stages_of(p, a.scale, bool(a.quick)):
+        stages = stages_of(p, a.scale, bool(a.quick))
+        # the default seed of every stage first (later stages start from earlier ones), then the extra seeds
+        jobs = [(s, 0) for s in stages] + [(s, k) for k in range(1, a.seeds) for s in stages if s != "fp"]
+        for stage, k in jobs:
             cfg = resolved(p, a.scale, stage)
+            overrides = repeat_overrides(cfg, k) if k else []
+            if k:
+                cfg = resolved(p, a.scale, stage, overrides)
+            name = f"{a.scale}/{p}/{stage}" + (f" (seed repeat {k})" if k else "")
             if not a.force and is_done(cfg):
-                print(f"[reproduce] {a.scale}/{p}/{stage}: done earlier, skipped ({cfg['output_dir']})", flush=True)
-                export_if_quantized(cfg, p, isolate)
+                print(f"[reproduce] {name}: done earlier, skipped ({cfg['output_dir']})", flush=True)
+                if not k:
+                    export_if_quantized(cfg, p, isolate)
                 continue
-            print(f"[reproduce] {a.scale}/{p}/{stage}: running ...", flush=True)
+            print(f"[reproduce] {name}: running ...", flush=True)
             t0 = time.time()
-            rc = run_stage(p, a.scale, stage, isolate)
-            if rc == 0:
+            rc = run_stage(p, a.scale, stage, isolate, overrides)
+            if rc == 0 and not k:  # the compression columns come from the default seed's export
                 export_if_quantized(cfg, p, isolate)
-            else:
-                failed.append(f"{p}/{stage}")
+            elif rc:
+                failed.append(f"{p}/{stage}" + (f"_seed{k}" if k else ""))
             secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
-            print(f"[reproduce] {a.scale}/{p}/{stage}: {status} in {secs / 60:.1f} min", flush=True)
-            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate)
+            print(f"[reproduce] {name}: {status} in {secs / 60:.1f} min", flush=True)
+            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate, k)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"

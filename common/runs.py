@@ -120,6 +120,9 @@ def stage_metrics(cfg: dict, model: torch.nn.Module, pipeline: str, main_metric:
     }
     if cfg.get("ablation"):
         out["ablation"] = cfg["ablation"]
+    out["seed"] = (cfg.get("train") or {}).get("seed")
+    if cfg.get("seed_repeat"):  # an extra seed of this stage (reproduce.py --seeds): results/ reports the spread
+        out["seed_repeat"] = int(cfg["seed_repeat"])
     if cfg.get("mini_scale_note"):
         out["mini_scale_note"] = cfg["mini_scale_note"]
     return out

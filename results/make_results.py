@@ -5,8 +5,10 @@
 
 RUNS_DIR (default: $RUNS_DIR, else ./runs) holds one directory per run,
 RUNS_DIR/<scale>/<pipeline>/<stage>/, each with metrics.json (required),
-config.yaml, log_history.json, weight_sample.npz and compression.json (optional).
-Writes main_table.{md,csv}, ablations.{md,csv}, plot_*.png and README.md
+config.yaml, log_history.json, weight_sample.npz and compression.json (optional);
+extra seeds of a stage (metrics.json "seed_repeat": k, reproduce.py --seeds) in
+<stage>_seed<k>/. Writes main_table.{md,csv}, ablations.{md,csv} (default seed),
+seeds.{md,csv} (spread over seeds), plot_*.png and README.md
 (from README.template.md) into --out. Broken runs are reported on stderr and
 skipped. Tables are deterministic: same runs in, same bytes out.
 """
@@ -98,6 +100,12 @@ class Run:
         return MAIN_ROWS.get(self.stage, self.stage)
 
     @property
+    def repeat(self) -> int:
+        """0 for a stage's default seed, k for its k-th extra seed (reproduce.py --seeds)."""
+        v = self.m.get("seed_repeat")
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else 0
+
+    @property
     def is_ablation(self) -> bool:
         return self.stage.startswith(ABLATION_PREFIX)
 
@@ -129,7 +137,7 @@ def stage_rank(stage: str) -> tuple:
 
 
 def run_key(r: Run) -> tuple:
-    return (rank(r.scale, SCALE_ORDER), rank(r.pipeline, PIPELINE_ORDER), stage_rank(r.stage))
+    return (rank(r.scale, SCALE_ORDER), rank(r.pipeline, PIPELINE_ORDER), stage_rank(r.stage), r.repeat)
 
 
 def _read_json(path: Path, what: str, expect: type):
@@ -166,7 +174,8 @@ def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
     if num(m.get(m["main_metric"])) is None:
         return None, f"metrics.json has no numeric value for its main_metric '{m['main_metric']}'"
     expected = d.relative_to(runs_dir).parts
-    found = (str(m["scale"]), str(m["pipeline"]), str(m["stage"]))
+    k = m.get("seed_repeat")
+    found = (str(m["scale"]), str(m["pipeline"]), str(m["stage"]) + (f"_seed{k}" if k else ""))
     if expected != found:
         warn(f"{d}: metrics.json says {'/'.join(found)}; using that, not the directory name")
 
@@ -199,9 +208,9 @@ def load_runs(runs_dir: Path) -> tuple[list[Run], list[tuple[str, str]]]:
         rel = d.relative_to(runs_dir).as_posix()
         run, reason = load_run(d, runs_dir)
         if run is not None:
-            key = (run.scale, run.pipeline, run.stage)
+            key = (run.scale, run.pipeline, run.stage, run.repeat)
             if key in seen:
-                run, reason = None, f"duplicate of {seen[key]} (same scale/pipeline/stage)"
+                run, reason = None, f"duplicate of {seen[key]} (same scale/pipeline/stage/seed repeat)"
             else:
                 seen[key] = rel
         if run is None:
@@ -461,6 +470,85 @@ def ablations_md(recs: list[dict], runs: list[Run]) -> str:
     return f"{ABL_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n{summary}\n" + md_table(header, rows)
 
 
+# ------------------------------------------------------------------- seeds ---
+SEEDS_SENTENCE = (
+    "`make reproduce SEEDS=N` runs every stage but `fp` N−1 more times with other seeds (`train.seed` + k: data "
+    "order, dropout, calibration batches), each on the same upstream checkpoints as the default seed (the fp "
+    "teacher, the `init_from` runs), so the spread below is that stage's own. Std: sample standard deviation "
+    "over the seeds. For an ablation, **Δ = mean(ablation) − mean(full recipe)** and SE = √(sd²ₐ/nₐ + sd²_f/n_f); "
+    "with a handful of seeds SE is itself rough, so \"beyond noise\" (|Δ| ≥ 2 SE) is a screening rule, not a "
+    "test. The main and ablation tables above show the default seed alone."
+)
+
+
+def seed_groups(runs: list[Run]) -> dict:
+    """(scale, pipeline, stage) -> its runs over seeds, where some stage has an extra seed."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r.scale, r.pipeline, r.stage), []).append(r)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def _spread(values: list[float]) -> tuple[float, float | None]:
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def seed_records(runs: list[Run]) -> list[dict]:
+    groups = seed_groups(runs)
+    recs = []
+    for (sc, pl, st), group in groups.items():
+        vals = [r.value for r in group]
+        mean, sd = _spread(vals)
+        rec = {"scale": sc, "pipeline": pl, "stage": st, "row": MAIN_ROWS.get(st, st), "metric": group[0].metric,
+               "higher_is_better": bool(group[0].m["higher_is_better"]), "n": len(vals),
+               "seeds": " ".join(str(r.m.get("seed", MISSING)) for r in group),
+               "values": " ".join(f"{v:.2f}" for v in vals), "mean": mean, "std": sd,
+               "min": min(vals), "max": max(vals)}
+        full = groups.get((sc, pl, FULL_RECIPE))
+        if st.startswith(ABLATION_PREFIX) and full is not None and full[0].metric == rec["metric"]:
+            fmean, fsd = _spread([r.value for r in full])
+            delta = mean - fmean
+            se = math.sqrt(sd ** 2 / len(vals) + fsd ** 2 / len(full))
+            worse = (delta < 0) == rec["higher_is_better"] and delta != 0
+            beyond = se > 0 and abs(delta) >= 2 * se
+            rec.update(full_recipe_mean=fmean, delta=delta, se=se,
+                       shows_paper_effect=("yes, beyond noise" if worse and beyond else
+                                           "in its direction, within noise" if worse else
+                                           "no: ablation better, beyond noise" if beyond else
+                                           "no, within noise"))
+        recs.append(rec)
+    return sorted(recs, key=lambda a: (rank(a["scale"], SCALE_ORDER), rank(a["pipeline"], PIPELINE_ORDER),
+                                       stage_rank(a["stage"])))
+
+
+SEED_CSV_COLUMNS = [("scale", 0), ("pipeline", 0), ("stage", 0), ("row", 0), ("metric", 0), ("higher_is_better", 0),
+                    ("n", 0), ("seeds", 0), ("values", 0), ("mean", 4), ("std", 4), ("min", 4), ("max", 4),
+                    ("full_recipe_mean", 4), ("delta", 4), ("se", 4), ("shows_paper_effect", 0)]
+
+
+def seeds_md(recs: list[dict], runs: list[Run]) -> str:
+    if not recs:
+        return ("No stage has runs with more than one seed (`make reproduce SEEDS=3` adds two more seeds of every "
+                "stage but fp).\n")
+    header = ["Scale", "Pipeline", "Stage", "Metric", "Seeds", "Values", "Mean", "Std", "Min–max",
+              "Δ vs full recipe (means)", "SE", "Shows the paper's effect"]
+    rows = [[a["scale"], a["pipeline"], a["row"], f"{metric_label(a['metric'])} ({better_word(a['higher_is_better'])})",
+             a["seeds"], a["values"], fmt(a["mean"]), fmt(a["std"], missing=MISSING),
+             f"{a['min']:.2f}–{a['max']:.2f}", fmt(a.get("delta"), missing=""), fmt(a.get("se"), missing=""),
+             a.get("shows_paper_effect", "")] for a in recs]
+    used = [r for g in seed_groups(runs).values() for r in g]
+    tally = {}
+    for a in recs:
+        if "delta" in a:
+            t = tally.setdefault((a["scale"], a["pipeline"]), [0, 0, 0])
+            t[0] += a["shows_paper_effect"] == "yes, beyond noise"
+            t[1] += a["shows_paper_effect"] == "in its direction, within noise"
+            t[2] += 1
+    summary = "".join(f"- {sc} {pl}: of {n} ablations, {k} show the paper's effect beyond seed noise, {w} in its "
+                      f"direction within noise.\n" for (sc, pl), (k, w, n) in tally.items())
+    return f"{SEEDS_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n{summary}\n" + md_table(header, rows)
+
+
 # ------------------------------------------------------------------- plots ---
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
@@ -640,7 +728,7 @@ def runs_md(runs: list[Run]) -> str:
         return "No runs found.\n"
     header = ["Scale", "Pipeline", "Stage", "Row", "Model", "KD", "Dropout schedule", "Init from", "Steps",
               "Runtime (s)", "Hardware", "Date", "Config sha1"]
-    rows = [[r.scale, r.pipeline, r.stage, r.row, str(r.m["model"]), fmt(r.m.get("kd"), missing=MISSING),
+    rows = [[r.scale, r.pipeline, r.stage + (f" (seed {r.m.get('seed')})" if r.repeat else ""), r.row, str(r.m["model"]), fmt(r.m.get("kd"), missing=MISSING),
              fmt(r.m.get("dropout_schedule"), missing=MISSING), fmt(r.m.get("init_from"), missing=MISSING),
              fmt(r.m.get("train_steps"), missing=MISSING), fmt(num(r.m.get("train_runtime_s")), 0, MISSING),
              fmt(r.m.get("hardware"), missing=MISSING), str(r.m.get("date") or MISSING),
@@ -664,15 +752,18 @@ def wall_times_md(runs_dir: Path) -> str:
             if pl is None and len(pipelines) < 2:
                 continue
             main = [num(t["seconds"]) for t in sel if t.get("main_row")]
-            abl = [num(t["seconds"]) for t in sel if not t.get("main_row")]
+            abl = [num(t["seconds"]) for t in sel if not t.get("main_row") and not t.get("seed_repeat")]
+            rep = [num(t["seconds"]) for t in sel if t.get("seed_repeat")]
             dates = sorted(str(t.get("date", ""))[:10] for t in sel)
             hw = sorted({str(t.get("hardware", MISSING)) for t in sel})
             rows.append([scale_dir.name, pl or "**all**", f"{sum(main) / 60:.1f} ({len(main)})",
-                         f"{sum(abl) / 60:.1f} ({len(abl)})", f"{(sum(main) + sum(abl)) / 60:.1f}",
+                         f"{sum(abl) / 60:.1f} ({len(abl)})", f"{sum(rep) / 60:.1f} ({len(rep)})",
+                         f"{(sum(main) + sum(abl) + sum(rep)) / 60:.1f}",
                          "; ".join(hw), f"{dates[0]} to {dates[-1]}" if dates[0] != dates[-1] else dates[0]])
     if not rows:
         return "No `reproduce_times.json` under the runs dir (stages run by `reproduce.py` record their times).\n"
-    return md_table(["Scale", "Pipeline", "Main rows, min (stages)", "Ablations, min (stages)", "All, min",
+    return md_table(["Scale", "Pipeline", "Main rows, min (stages)", "Ablations, min (stages)",
+                     "Extra seeds, min (stages)", "All, min",
                      "Hardware", "Dates"], rows)
 
 
@@ -711,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir, out = Path(args.runs_dir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs, skipped = load_runs(runs_dir)
+    all_runs, skipped = load_runs(runs_dir)
+    runs = [r for r in all_runs if not r.repeat]  # the default seed: main table, ablations, plots
     if not runs:
         warn(f"WARNING: no valid runs under {runs_dir}; writing tables that say so")
     ref = load_paper_reference(Path(args.paper_ref))
@@ -724,6 +816,10 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "main_table.csv", main_csv_columns(runs), mrecs)
     (out / "ablations.md").write_text("# Ablations\n\n" + abl_md)
     write_csv(out / "ablations.csv", ABL_CSV_COLUMNS, arecs)
+    srecs = seed_records(all_runs)
+    seed_md = seeds_md(srecs, all_runs)
+    (out / "seeds.md").write_text("# Spread over seeds\n\n" + seed_md)
+    write_csv(out / "seeds.csv", SEED_CSV_COLUMNS, srecs)
 
     # Per-run plots are regenerated from scratch so none outlives its runs.
     for stale in [*out.glob("plot_training_curves_*.png"), *out.glob("plot_weight_histogram_*.png")]:
@@ -738,15 +834,17 @@ def main(argv: list[str] | None = None) -> int:
     write_readme(out, Path(args.template), {
         "scales": ", ".join(f"`{s}`" for s in scales) or "none (no runs yet)",
         "runs_label": label_runs(runs) if runs else "no runs",
-        "runs_table": runs_md(runs),
+        "runs_table": runs_md(all_runs),
         "wall_times": wall_times_md(runs_dir),
         "main_table": main_md,
         "ablations_table": abl_md,
+        "seeds_table": seed_md,
         "plots": plots_md(summary, per_run),
         "skipped": md_table(["Run dir", "Reason"], [[d, why] for d, why in skipped]) if skipped else "None.\n",
         "paper_reference": paper_reference_md(Path(args.paper_ref)),
     })
-    print(f"[make_results] {len(runs)} runs, {len(skipped)} skipped -> {out}", file=sys.stderr)
+    print(f"[make_results] {len(all_runs)} runs ({len(all_runs) - len(runs)} extra seeds), {len(skipped)} skipped "
+          f"-> {out}", file=sys.stderr)
     return 0
 
 

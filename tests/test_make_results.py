@@ -144,7 +144,8 @@ def test_rerun_is_byte_identical_and_cli_works(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "qat4_broken" in proc.stderr
     second = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv")}
-    assert set(first) == {"main_table.md", "main_table.csv", "ablations.md", "ablations.csv", "README.md"}
+    assert set(first) == {"main_table.md", "main_table.csv", "ablations.md", "ablations.csv", "seeds.md",
+                          "seeds.csv", "README.md"}
     assert first == second
 
 
@@ -168,12 +169,64 @@ def test_wall_time_table_sums_main_rows_and_ablations(tmp_path, capsys):
                             ("abl_oneshot", 600, "FAILED (exit 1)")]}
     t["vit_imagenet/fp"] = {"pipeline": "vit_imagenet", "stage": "fp", "main_row": True, "seconds": 6,
                             "status": "ok", "hardware": "fixture-cpu", "date": "2000-01-03T00:00:00"}
+    t["bert_squad/qat4_seed1"] = {**t["bert_squad/qat4"], "main_row": False, "seconds": 90, "seed_repeat": 1}
     (scale / "reproduce_times.json").write_text(json.dumps(t))
     md = make_results.wall_times_md(tmp_path)
-    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:6]] for line in md.splitlines()[2:]}
-    assert rows["bert_squad"] == ["3.0 (2)", "0.5 (1)", "3.5"]
-    assert rows["vit_imagenet"] == ["0.1 (1)", "0.0 (0)", "0.1"]
-    assert rows["**all**"] == ["3.1 (3)", "0.5 (1)", "3.6"]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:7]] for line in md.splitlines()[2:]}
+    assert rows["bert_squad"] == ["3.0 (2)", "0.5 (1)", "1.5 (1)", "5.0"]
+    assert rows["vit_imagenet"] == ["0.1 (1)", "0.0 (0)", "0.0 (0)", "0.1"]
+    assert rows["**all**"] == ["3.1 (3)", "0.5 (1)", "1.5 (1)", "5.1"]
     (scale / "reproduce_times.json").write_text("{not json")
     assert "No `reproduce_times.json`" in make_results.wall_times_md(tmp_path)
     assert "reproduce_times.json" in capsys.readouterr().err
+
+
+def test_extra_seeds_give_the_spread_and_leave_the_default_seed_tables_alone(runs, tmp_path):
+    """Runs of extra seeds (FIXTURE values) -> seeds.md/csv: mean, sample std, Δ of means with its SE and a
+    verdict; the main and ablation tables keep the default seed's numbers."""
+    out0, out = tmp_path / "out0", tmp_path / "out"
+    make_results.main([str(runs), "--out", str(out0)])
+    assert "No stage has runs with more than one seed" in (out0 / "seeds.md").read_text()
+    f1 = {"qat4": [58.0, 52.0], "abl_no_kd": [52.5, 52.5]}  # with the default seeds 55.0 and 52.5
+    for stage, vals in f1.items():
+        for k, v in enumerate(vals, 1):
+            d = _write_run(runs, "bert_squad", f"{stage}_seed{k}", _metrics(
+                "bert_squad", stage, exact_match=v - 10, f1=v, seed=42 + k, seed_repeat=k,
+                ablation={"factor": "distillation", "variant": "no KD"} if stage.startswith("abl") else None),
+                logs=False)
+            assert d.name == f"{stage}_seed{k}"
+    make_results.main([str(runs), "--out", str(out)])
+    for name in ("main_table.csv", "ablations.csv"):
+        assert (out / name).read_bytes() == (out0 / name).read_bytes()
+    rows = {r["stage"]: r for r in _rows(out / "seeds.csv")}
+    assert set(rows) == {"qat4", "abl_no_kd"}
+    q, a = rows["qat4"], rows["abl_no_kd"]
+    assert q["n"] == "3" and q["values"] == "55.00 58.00 52.00" and q["mean"] == "55.0000" and q["std"] == "3.0000"
+    assert a["std"] == "0.0000" and a["delta"] == "-2.5000" and a["full_recipe_mean"] == "55.0000"
+    se = 3 ** 0.5  # sqrt(3² / 3 + 0² / 3) = 1.73: |Δ| = 2.5 < 2 SE
+    assert abs(float(a["se"]) - se) < 1e-4 and a["shows_paper_effect"] == "in its direction, within noise"
+    md = (out / "README.md").read_text()
+    assert "## Spread over seeds" in md and "qat4 (seed 43)" in md  # and the runs table lists the extra seeds
+    assert "of 1 ablations, 0 show the paper's effect beyond seed noise, 1 in its direction within noise" in md
+    # a second copy of an extra seed is reported as a duplicate, not counted twice
+    _write_run(runs, "bert_squad", "qat4_seed1_copy", _metrics("bert_squad", "qat4", f1=0.0, exact_match=0.0,
+                                                               seed=43, seed_repeat=1), logs=False)
+    loaded, skipped = make_results.load_runs(runs)
+    assert any("duplicate of mini/bert_squad/qat4_seed1" in why for _, why in skipped)
+
+
+@pytest.mark.parametrize("abl,verdict", [([50.0, 50.5, 49.5], "yes, beyond noise"),
+                                         ([60.0, 60.5, 59.5], "no: ablation better, beyond noise"),
+                                         ([55.5, 56.5, 54.5], "no, within noise")])
+def test_seed_verdicts(tmp_path, abl, verdict):
+    """FIXTURE values: full recipe 55 ± 0.5 over three seeds against an ablation's three seeds."""
+    runs = tmp_path / "runs"
+    for stage, vals in {"qat4": [55.0, 55.5, 54.5], "abl_no_kd": abl}.items():
+        for k, v in enumerate(vals):
+            extra = dict(seed=42 + k, **({"seed_repeat": k} if k else {}))
+            if stage.startswith("abl"):
+                extra["ablation"] = {"factor": "distillation", "variant": "no KD"}
+            _write_run(runs, "bert_squad", stage + (f"_seed{k}" if k else ""),
+                       _metrics("bert_squad", stage, exact_match=v, f1=v, **extra), logs=False)
+    recs = {r["stage"]: r for r in make_results.seed_records(make_results.load_runs(runs)[0])}
+    assert recs["abl_no_kd"]["shows_paper_effect"] == verdict and recs["qat4"]["n"] == 3

@@ -1,4 +1,5 @@
 """reproduce.py: stage selection, skip-if-done with an unchanged config, paper-scale input checks."""
+import pytest
 import yaml
 
 import reproduce
@@ -74,3 +75,37 @@ def test_main_records_stage_times_and_failures(tmp_path, monkeypatch):
     assert times["bert_squad/qat4"]["status"] == "FAILED (exit 1)" and times["bert_squad/fp"]["status"] == "ok"
     assert all(t["main_row"] and t["in_process"] for t in times.values())
     assert tables and str(tmp_path) in tables[0]
+
+
+def test_seeds_rerun_every_stage_but_fp_into_their_own_dirs(tmp_path, monkeypatch):
+    """--seeds 3 with the stages stubbed: the default seeds first, then two more seeds of every stage but fp, each
+    with its own seed, dir and seed_repeat; a finished extra seed is skipped on the next call."""
+    import json
+
+    import yaml
+    runs = []
+
+    def fake_call_main(module, argv, isolate):
+        cfg = reproduce.resolved("vit_imagenet", "mini", argv[1].rsplit("/", 1)[1][:-5], argv[3:])
+        out = tmp_path / "mini" / "vit_imagenet" / cfg["output_dir"].rsplit("/", 1)[1]
+        assert cfg["output_dir"] == str(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (out / "metrics.json").write_text("{}")
+        runs.append((out.name, cfg["train"]["seed"], cfg["seed_repeat"]))
+        return 0
+    monkeypatch.setattr(reproduce, "call_main", fake_call_main)
+    monkeypatch.setattr(reproduce, "export_if_quantized", lambda *a, **k: None)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: 0)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    args = ["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet", "--seeds", "3"]
+    assert reproduce.main(args) == 0
+    seed = reproduce.resolved("vit_imagenet", "mini", "qat4")["train"]["seed"]
+    assert runs[:4] == [(s, seed, None) for s in reproduce.MAIN]
+    assert runs[4:] == [(f"{s}_seed{k}", seed + k, k) for k in (1, 2) for s in reproduce.MAIN if s != "fp"]
+    times = json.loads((tmp_path / "mini" / "reproduce_times.json").read_text())
+    assert times["vit_imagenet/qat4_seed2"]["seed_repeat"] == 2 and not times["vit_imagenet/qat4_seed2"]["main_row"]
+    runs.clear()
+    assert reproduce.main(args) == 0 and runs == []  # all done: nothing reruns
+    with pytest.raises(SystemExit):
+        reproduce.main(args[:-1] + ["0"])
