@@ -52,7 +52,8 @@ def resolved(pipeline: str, scale: str, stage: str, overrides: list[str] | None 
 def repeat_overrides(cfg: dict, k: int) -> list[str]:
     """The k-th extra seed of a stage (choice: the seed, data order, dropout and calibration batches change;
     the upstream checkpoints stay those of the default seed, so the spread is this stage's own)."""
-    return [f"seed_repeat={k}", f"train.seed={int(cfg['train']['seed']) + k}", f"output_dir={cfg['output_dir']}_seed{k}"]
+    return [f"seed_repeat={k}", f"train.seed={int(cfg['train']['seed']) + k}",
+            f"output_dir={cfg['output_dir']}_seed{k}"]
 
 
 def comparable(cfg: dict) -> dict:
@@ -197,10 +198,9 @@ def main(argv=None) -> int:
         # the default seed of every stage first (later stages start from earlier ones), then the extra seeds
         jobs = [(s, 0) for s in stages] + [(s, k) for k in range(1, a.seeds) for s in stages if s != "fp"]
         for stage, k in jobs:
-            cfg = resolved(p, a.scale, stage)
-            overrides = repeat_overrides(cfg, k) if k else []
-            if k:
-                cfg = resolved(p, a.scale, stage, overrides)
+            base = resolved(p, a.scale, stage)
+            overrides = repeat_overrides(base, k) if k else []
+            cfg = resolved(p, a.scale, stage, overrides) if k else base
             name = f"{a.scale}/{p}/{stage}" + (f" (seed repeat {k})" if k else "")
             if not a.force and is_done(cfg):
                 print(f"[reproduce] {name}: done earlier, skipped ({cfg['output_dir']})", flush=True)

@@ -443,7 +443,9 @@ def _x(v) -> str:
 
 
 def _render_linears(recs: list[dict]) -> list[str]:
-    out = [f"2:4-pruned weights x {recs[0]['tokens']} tokens{' (12 x 384)' if recs[0]['tokens'] == TOKENS else ''}. fp16: F.linear with the dense weight (cuBLAS) vs with "
+    tokens = recs[0]["tokens"]
+    out = [f"2:4-pruned weights x {tokens} tokens{' (12 x 384)' if tokens == TOKENS else ''}. fp16: F.linear with "
+           "the dense weight (cuBLAS) vs with "
            "`SparseSemiStructuredTensor<backend>.from_dense(W)`; int8 (4-bit codes): `torch._int_mm` vs "
            "`torch._cslt_sparse_mm` / `torch._sparse_semi_structured_mm` with int32 output. GPU time per call "
            "(launch overhead hidden), median.", "",

@@ -399,8 +399,9 @@ ABL_SENTENCE = (
     "EM and top-1 (higher is better) a negative Δ means the ablation is worse; for WER (lower is better) a "
     "positive Δ means the ablation is worse. The Effect column states this per row. The paper reports every "
     "one of these factors as helping, i.e. each ablation worse than the full recipe; the last column says "
-    "whether this run shows that. `mini` rows are smoke-scale runs, not the paper's ablations: one seed each, "
-    "no variance estimate, so a Δ of a few tenths of a point is within evaluation noise."
+    "whether this run shows that. `mini` rows are smoke-scale runs, not the paper's ablations. This table is the "
+    "default seed alone, where a Δ of a few tenths of a point is within noise; the spread over seeds and the "
+    "deltas of their means are in the next section (`make reproduce SEEDS=3`)."
 )
 
 
@@ -475,7 +476,8 @@ SEEDS_SENTENCE = (
     "`make reproduce SEEDS=N` runs every stage but `fp` N−1 more times with other seeds (`train.seed` + k: data "
     "order, dropout, calibration batches), each on the same upstream checkpoints as the default seed (the fp "
     "teacher, the `init_from` runs), so the spread below is that stage's own. Std: sample standard deviation "
-    "over the seeds. For an ablation, **Δ = mean(ablation) − mean(full recipe)** and SE = √(sd²ₐ/nₐ + sd²_f/n_f); "
+    "over the seeds. For an ablation, **Δ = mean(ablation) − mean(full recipe)** and "
+    "SE = √(sd²ₐ/nₐ + sd²_f/n_f); "
     "with a handful of seeds SE is itself rough, so \"beyond noise\" (|Δ| ≥ 2 SE) is a screening rule, not a "
     "test. The main and ablation tables above show the default seed alone."
 )
@@ -728,7 +730,8 @@ def runs_md(runs: list[Run]) -> str:
         return "No runs found.\n"
     header = ["Scale", "Pipeline", "Stage", "Row", "Model", "KD", "Dropout schedule", "Init from", "Steps",
               "Runtime (s)", "Hardware", "Date", "Config sha1"]
-    rows = [[r.scale, r.pipeline, r.stage + (f" (seed {r.m.get('seed')})" if r.repeat else ""), r.row, str(r.m["model"]), fmt(r.m.get("kd"), missing=MISSING),
+    rows = [[r.scale, r.pipeline, r.stage + (f" (seed {r.m.get('seed')})" if r.repeat else ""), r.row,
+             str(r.m["model"]), fmt(r.m.get("kd"), missing=MISSING),
              fmt(r.m.get("dropout_schedule"), missing=MISSING), fmt(r.m.get("init_from"), missing=MISSING),
              fmt(r.m.get("train_steps"), missing=MISSING), fmt(num(r.m.get("train_runtime_s")), 0, MISSING),
              fmt(r.m.get("hardware"), missing=MISSING), str(r.m.get("date") or MISSING),
