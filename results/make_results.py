@@ -546,8 +546,8 @@ def seeds_md(recs: list[dict], runs: list[Run]) -> str:
             t[0] += a["shows_paper_effect"] == "yes, beyond noise"
             t[1] += a["shows_paper_effect"] == "in its direction, within noise"
             t[2] += 1
-    summary = "".join(f"- {sc} {pl}: of {n} ablations, {k} show the paper's effect beyond seed noise, {w} in its "
-                      f"direction within noise.\n" for (sc, pl), (k, w, n) in tally.items())
+    summary = "".join(f"- {sc} {pl}, {n} ablations: the paper's effect beyond seed noise in {k}, in its direction "
+                      f"but within noise in {w} more.\n" for (sc, pl), (k, w, n) in tally.items())
     return f"{SEEDS_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n{summary}\n" + md_table(header, rows)
 
 

@@ -207,7 +207,8 @@ def test_extra_seeds_give_the_spread_and_leave_the_default_seed_tables_alone(run
     assert abs(float(a["se"]) - se) < 1e-4 and a["shows_paper_effect"] == "in its direction, within noise"
     md = (out / "README.md").read_text()
     assert "## Spread over seeds" in md and "qat4 (seed 43)" in md  # and the runs table lists the extra seeds
-    assert "of 1 ablations, 0 show the paper's effect beyond seed noise, 1 in its direction within noise" in md
+    assert ("bert_squad, 1 ablations: the paper's effect beyond seed noise in 0, in its direction but within "
+            "noise in 1 more.") in md
     # a second copy of an extra seed is reported as a duplicate, not counted twice
     _write_run(runs, "bert_squad", "qat4_seed1_copy", _metrics("bert_squad", "qat4", f1=0.0, exact_match=0.0,
                                                                seed=43, seed_repeat=1), logs=False)
