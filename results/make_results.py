@@ -606,8 +606,11 @@ def plot_metric_vs_compression(recs: list[dict], runs: list[Run], ref: dict, out
     return name
 
 
-def plot_ablations(recs: list[dict], out: Path) -> str:
+def plot_ablations(recs: list[dict], out: Path, seed_recs: list[dict] = ()) -> str:
+    """Bars: the default seed's Δ per ablation; where extra seeds exist, a marker at the Δ of the means with
+    whiskers of ±2 SE (seeds.md's screening rule)."""
     name = "plot_ablations.png"
+    over_seeds = {(a["scale"], a["pipeline"], a["stage"]): a for a in seed_recs if "delta" in a}
     recs = [a for a in recs if a["delta"] is not None]
     groups = sorted({(a["scale"], a["pipeline"]) for a in recs},
                     key=lambda g: (rank(g[0], SCALE_ORDER), rank(g[1], PIPELINE_ORDER)))
@@ -621,16 +624,25 @@ def plot_ablations(recs: list[dict], out: Path) -> str:
         colors = ["tab:green" if a["effect"] == "better" else "tab:red" if a["effect"] == "worse" else "tab:gray"
                   for a in g]
         bars = ax.barh(range(len(g)), [a["delta"] for a in g], height=0.6, color=colors)
-        ax.bar_label(bars, fmt="%+.2f", fontsize=8, padding=2)
+        marked = [(i, over_seeds[k]) for i, a in enumerate(g)
+                  for k in [(a["scale"], a["pipeline"], a["stage"])] if k in over_seeds]
+        if not marked:  # with the seed markers the labels would overlap them; the numbers are in the tables
+            ax.bar_label(bars, fmt="%+.2f", fontsize=8, padding=2)
+        for j, (i, m) in enumerate(marked):
+            ax.errorbar(m["delta"], i, xerr=2 * m["se"], fmt="D", color="black", markersize=4, capsize=3,
+                        label=None if j else f"mean over {m['n']} seeds ± 2 SE")
         ax.margins(x=0.15)  # room for the labels
         ax.set_yticks(range(len(g)), labels=[f"{a['factor']}: {a['variant']}" for a in g], fontsize=8)
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_xlabel(f"Δ {metric_label(g[0]['metric'])} (ablation − full recipe; "
-                      f"{better_word(g[0]['higher_is_better'])})")
+        ax.set_xlabel(f"Δ {metric_label(g[0]['metric'])} = ablation − full recipe\n"
+                      f"({better_word(g[0]['higher_is_better'])})", fontsize=8)
         ax.set_title(f"{PIPELINE_TITLES.get(p, p)}, scale {s}", fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle("Ablations vs full recipe W4A4+2:4 (green = better, red = worse)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Ablations vs full recipe W4A4+2:4 (bars: default seed; green = better, red = worse)"
+                 if over_seeds else "Ablations vs full recipe W4A4+2:4 (green = better, red = worse)")
     _save(fig, out / name)
     return name
 
@@ -829,8 +841,8 @@ def main(argv: list[str] | None = None) -> int:
         stale.unlink()
     main_runs = [r for r in runs if not r.is_ablation]
     summary = [(plot_metric_vs_compression(mrecs, runs, ref, out), "Task metric vs compression", main_runs),
-               (plot_ablations(arecs, out), "Ablation deltas vs full recipe",
-                [r for r in runs if r.is_ablation or (r.stage == FULL_RECIPE and arecs)])]
+               (plot_ablations(arecs, out, srecs), "Ablation deltas vs full recipe",
+                [r for r in all_runs if r.is_ablation or (r.stage == FULL_RECIPE and arecs)])]
     per_run = plot_training_curves(runs, out) + plot_weight_histograms(runs, out)
 
     scales = sorted({r.scale for r in runs}, key=lambda s: rank(s, SCALE_ORDER))
