@@ -2,8 +2,7 @@
 linears, and the training-step ratios of bench_train_step.py; the GPU model is recorded with every number.
 
     python benchmarks/bench_gpu.py [--parts linears,e2e,train] [--iters N] [--json results/benchmarks_gpu.jsonl]
-    python benchmarks/bench_gpu.py --smoke     # no GPU: every part on the CPU at tiny sizes, in about a minute
-
+    python benchmarks/bench_gpu.py --smoke     # no GPU: every part on the CPU at tiny sizes, in seconds
 
 linears: M = 12 x 384 tokens (the paper's SQuAD batch) through BERT-base's weight shapes (out, in): 768x768
   (attention q/k/v/output), 3072x768 (FFN up), 768x3072 (FFN down), 2:4-pruned with common.nm_mask. fp16: F.linear
@@ -163,6 +162,13 @@ def cycles_per_ms() -> float:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left, so the next starts from the same allocator state."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def time_gpu(fn, iters: int, warmup: int = 5, reps: int = 1, device: torch.device = torch.device("cuda")) -> dict:
@@ -366,8 +372,7 @@ def peak_mib(ns, name: str, base, batch) -> float:
     """The GPU analogue of bench_train_step.memory_child: this variant alone, three full AdamW steps; the peak of
     live tensors (max_memory_allocated) above what was allocated before the variant was built, with the peak
     restarted after building (prepare's one-off temporaries are not training state)."""
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(ns.device)
     before = torch.cuda.memory_allocated()
     m, kd = gpu_variant(ns, name, base, batch, ns.device)
     sync(ns.device)
@@ -416,9 +421,7 @@ def part_train(args, rec) -> None:
         peaks = {n: peak_mib(ns, n, base, batch) for n in bts.VARIANTS} if dev.type == "cuda" else {}
         rec(train_record(kind, args, args.gpu_name, step_s, peaks, compile_s))
         del base, batch
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        release(dev)
 
 
 PART_FNS = {"linears": part_linears, "e2e": part_e2e, "train": part_train}
@@ -611,9 +614,7 @@ def main(argv=None) -> list[dict]:
             traceback.print_exc()
             failed.append(part)
             rec({"part": part, "error": short(e, 2000)})
-        gc.collect()
-        if not args.smoke:
-            torch.cuda.empty_cache()
+        release(args.device)
         print(render([r for r in records if r["part"] == part]))
         print(f"[{part}: {time.perf_counter() - t0:.0f} s]\n", flush=True)
     print(f"[bench_gpu: {time.perf_counter() - t_start:.0f} s in all]")
