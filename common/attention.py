@@ -8,6 +8,7 @@ timm's explicit (non-fused) path with the quantizers in it; parameter names are 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_dropout import fast_dropout
+from .linear import as_linear
 from .pact import ActQuantizer
 
 ATTN_IMPL = "compressed"
@@ -32,16 +34,21 @@ class AttentionQuantizers(nn.Module):
         self.p = ActQuantizer(prob_bits, method, zero_preserving, signed=False, init_range=(0.0, 1.0))
 
 
-def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants: AttentionQuantizers | None):
+def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants: AttentionQuantizers | None,
+                   softcap: float | None = None):
     """Explicit attention (B, H, L, D) -> (B, H, L, D), probabilities; quantized operands when `quants` is given.
-    With nothing to quantize and no dropout it is SDPA's fused kernel (faster, also on CPU), and no probabilities."""
-    if quants is None and not (training and dropout_p > 0):
+    `softcap` caps the scores as softcap·tanh(scores/softcap) before the mask (Gemma-2 style).
+    With nothing to quantize, no softcap and no dropout it is SDPA's fused kernel (faster, also on CPU), and no
+    probabilities."""
+    if quants is None and softcap is None and not (training and dropout_p > 0):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, scale=scaling), None
     if quants is not None:
         q, k, v = quants.q(q), quants.k(k), quants.v(v)
     # the scale goes on the (quantized) queries, L x D, rather than on the L x L scores: the same up to rounding,
     # and a pass over the largest tensor fewer (as SDPA's math path does)
     scores = torch.matmul(q * scaling, k.transpose(-2, -1))
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if additive_mask is not None:
         scores = scores + additive_mask
     probs = scores.softmax(dim=-1)
@@ -52,8 +59,16 @@ def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants:
 
 
 # -- Hugging Face ---------------------------------------------------------------------------------------------
-def hf_compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: eager attention whose operands are fake-quantized by `module.attn_quant`."""
+def hf_compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            position_bias=None, softcap=None, **kwargs):
+    """AttentionInterface function: eager attention whose operands are fake-quantized by `module.attn_quant`.
+
+    It takes what the models' own eager functions take (transformers 5.x): `position_bias` (T5 family: added to the
+    scores), `softcap` (Gemma-2 family), grouped-query K/V heads. Attention sinks (gpt-oss) change the softmax
+    itself and are refused rather than silently dropped."""
+    if kwargs.get("sinks") is not None or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError(f"{type(module).__name__}: attention sinks are not supported by the compressed "
+                                  "attention; prepare with quantize_attention=False to compress the linears only")
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat K/V heads as the eager path does
@@ -62,8 +77,10 @@ def hf_compressed_attention(module, query, key, value, attention_mask, scaling=N
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min)
+    if position_bias is not None:
+        attention_mask = position_bias if attention_mask is None else position_bias + attention_mask
     out, probs = attention_core(query, key, value, attention_mask, scaling, dropout, module.training,
-                                getattr(module, "attn_quant", None))
+                                getattr(module, "attn_quant", None), softcap)
     return out.transpose(1, 2).contiguous(), probs
 
 
@@ -91,10 +108,30 @@ def use_hf_compressed_attention(model: nn.Module) -> bool:
 
 
 def is_hf_attention(module: nn.Module) -> bool:
-    """HF attention modules hold their Q/K/V projections as query/key/value or q_proj/k_proj/v_proj."""
-    names = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
-    return hasattr(module, "config") and any(
-        all(isinstance(getattr(module, n, None), nn.Linear) for n in trio) for trio in names)
+    """A transformers attention module whose forward calls the registered attention function (5.x models look it
+    up in ALL_ATTENTION_FUNCTIONS), so the "compressed" function will see its Q, K, V."""
+    return hasattr(module, "config") and _calls_attention_interface(type(module))
+
+
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (compiled, or defined in a REPL)
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src
+
+
+def unsupported_attention(model: nn.Module, supported) -> list[tuple[str, str]]:
+    """(name, class) of attention-like modules (class name containing "Attention", holding their own Q/K/V or output
+    projection) that `supported(module)` rejects: their matmuls would stay unquantized, so prepare reports them."""
+    out = []
+    for name, mod in model.named_modules():
+        if "Attention" not in type(mod).__name__ or supported(mod):
+            continue
+        if any(as_linear(c) is not None for c in mod.children()):
+            out.append((name, f"{type(mod).__module__}.{type(mod).__name__}"))
+    return out
 
 
 # -- timm -----------------------------------------------------------------------------------------------------

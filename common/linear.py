@@ -9,6 +9,8 @@ forward can use the stored weight as it is, one pass over it fewer per step.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,20 @@ from . import int_matmul, kernels
 from .fake_quant import dequantize_weight, quantize_weight, quantize_weight_codes, weight_step
 from .pact import ActQuantizer, _act_backward, _act_forward, _act_forward_codes
 from .sawb import weight_clip
+
+
+def as_linear(mod: nn.Module) -> nn.Linear | None:
+    """`mod` as an nn.Linear (sharing its tensors), or None. Besides nn.Linear itself this takes transformers'
+    `Conv1D` (GPT-2 family: y = x·W + b with W stored [in, out]), whose weight is used transposed."""
+    if type(mod) is nn.Linear:
+        return mod
+    pu = sys.modules.get("transformers.pytorch_utils")  # a model holding Conv1D has imported it already
+    if pu is None or type(mod) is not getattr(pu, "Conv1D", None):
+        return None
+    lin = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], bias=mod.bias is not None, device="meta")
+    lin.weight = nn.Parameter(mod.weight.detach().t(), requires_grad=mod.weight.requires_grad)
+    lin.bias = mod.bias
+    return lin
 
 
 class WeightQuantSpec:

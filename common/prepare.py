@@ -10,9 +10,9 @@ from torch import nn
 
 from . import int_matmul
 from .attention import (AttentionQuantizers, is_hf_attention, is_timm_attention, timm_compressed_attention_cls,
-                        use_hf_compressed_attention)
+                        unsupported_attention, use_hf_compressed_attention)
 from .fake_quant import act_qparams, dequantize_weight, quantize_act, quantize_weight_codes
-from .linear import CompressedLinear, WeightQuantSpec
+from .linear import CompressedLinear, WeightQuantSpec, as_linear
 from .pact import ActQuantizer, _act_forward_codes
 from .recipe import Recipe
 
@@ -22,20 +22,47 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
+def _output_heads(model: nn.Module) -> set[str]:
+    """Names of the modules a Hugging Face model calls its output embeddings (the LM / CTC head, whatever its
+    name: lm_head, proj_out, vocab_projector, ...). They stay full precision with the other task heads."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
 def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap the backbone's nn.Linear layers for CompressedLinear and quantize attention inputs, in place.
 
     N:M masks are computed here, once, from the weights the model holds now (so the stage's init checkpoint
     decides them), unless `masks` ({linear name: bool mask}, e.g. from a sparse checkpoint) gives them.
+    transformers' Conv1D layers (GPT-2) become CompressedLinear too, their weight stored [out, in] from then on.
+    Attention modules of a kind the compressed attention does not cover are an error (their matmuls would stay
+    full precision) unless recipe.quantize_attention is False.
     """
     if getattr(model, "compression_recipe", None) is not None:
         raise ValueError("model is already prepared; build a fresh model to prepare it with another recipe")
+    # which attention modules to quantize is settled first, so that an error leaves the model as it was
+    attention = []
+    if recipe.quantize_attention and recipe.quantize_acts:
+        supported = lambda m: is_timm_attention(m) or is_hf_attention(m)
+        other = [f"{n} ({cls})" for n, cls in unsupported_attention(model, supported) if not recipe.skips(n)]
+        if other:
+            raise ValueError(f"prepare: {len(other)} attention modules are of a kind the compressed attention does "
+                             f"not cover, e.g. {', '.join(other[:2])}; it covers Hugging Face models that call the "
+                             "attention interface (transformers 5.x) and timm's Attention (ViT, DeiT). Set "
+                             "quantize_attention: false to compress the linears only")
+        attention = [(n, m) for n, m in model.named_modules() if supported(m) and not recipe.skips(n)]
+        if not attention:
+            raise ValueError("quantize_attention=True but the model has no supported attention module "
+                             "(Hugging Face AttentionInterface models or timm Attention); set it to false")
+
     masks = masks or {}
     nm = recipe.nm
     density = nm[0] / nm[1] if nm else 1.0
     n_linear = 0
+    heads = _output_heads(model) if recipe.keep_output_embeddings else set()
     for name, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear or recipe.skips(name):
+        if recipe.skips(name) or name in heads or (mod := as_linear(mod)) is None:
             continue
         wspec = (WeightQuantSpec(recipe.w_bits, recipe.w_quantizer, recipe.zero_preserving, recipe.per_channel,
                                  density) if recipe.quantize_weights else None)
@@ -45,22 +72,14 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
     if n_linear == 0 and recipe.compresses:
         warnings.warn("prepare: no nn.Linear outside the skip patterns was found; nothing was compressed")
 
-    n_attn = 0
-    if recipe.quantize_attention and recipe.quantize_acts:
-        prob_bits = recipe.attn_prob_bits or recipe.a_bits
-        make = lambda: AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving)
-        for name, mod in list(model.named_modules()):
-            if recipe.skips(name):
-                continue
-            if is_timm_attention(mod):
-                _set_child(model, name, timm_compressed_attention_cls().from_timm(mod, make()))
-                n_attn += 1
-            elif is_hf_attention(mod):
-                mod.attn_quant = make()
-                n_attn += 1
-        if n_attn == 0:
-            raise ValueError("quantize_attention=True but the model has no supported attention module "
-                             "(Hugging Face AttentionInterface models or timm Attention); set it to false")
+    prob_bits = recipe.attn_prob_bits or recipe.a_bits
+    for name, mod in attention:  # the same module objects: swapping their linears above kept them
+        quants = AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving)
+        if is_timm_attention(mod):
+            _set_child(model, name, timm_compressed_attention_cls().from_timm(mod, quants))
+        else:
+            mod.attn_quant = quants
+    if attention:
         use_hf_compressed_attention(model)
     model.compression_recipe = recipe
     return model

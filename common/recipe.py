@@ -13,12 +13,14 @@ WEIGHT_QUANTIZERS = ("sawb", "minmax")
 ACT_QUANTIZERS = ("pact", "pact+", "minmax")
 
 # Full precision by default (paper: only the transformer *backbone* is compressed). Our choice of what counts as
-# backbone: embeddings, pooler, task heads, the wav2vec2 conv feature encoder, its feature projection and positional
-# conv embedding, and timm's patch embedding and head stay full precision. Regexes matched against module names.
+# backbone: embeddings, pooler, task heads (with their submodules, e.g. RoBERTa's classifier.dense), the wav2vec2
+# conv feature encoder, its feature projection and positional conv embedding, and timm's patch embedding and heads
+# stay full precision. Regexes matched against module names (see also keep_output_embeddings).
 DEFAULT_SKIP = [
     r"(^|\.)embeddings(\.|$)",
     r"(^|\.)pooler(\.|$)",
-    r"(^|\.)(qa_outputs|classifier|lm_head|head|fc_norm|project_hid|project_q|quantizer)$",
+    r"(^|\.)(qa_outputs|classifier|pre_classifier|classification_head|score|lm_head|cls|vocab_transform|"
+    r"vocab_projector|head|head_dist|fc_norm|project_hid|project_q|quantizer)(\.|$)",
     r"(^|\.)(feature_extractor|feature_projection|pos_conv_embed|patch_embed|masked_spec_embed)(\.|$)",
 ]
 
@@ -41,6 +43,9 @@ class Recipe:
     attn_prob_bits: int | None = None
     sparsity: str | None = "2:4"
     skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))
+    # the module a Hugging Face model returns from get_output_embeddings() (its LM / CTC head, whatever its name)
+    # stays full precision like the heads `skip` names (choice)
+    keep_output_embeddings: bool = True
     calib_batches: int = 32
     calib_percentile: float = 99.9
 
@@ -62,7 +67,7 @@ class Recipe:
             bad("w_quantizer", f"unknown weight quantizer {self.w_quantizer!r}; allowed: {WEIGHT_QUANTIZERS}")
         if self.a_quantizer not in ACT_QUANTIZERS:
             bad("a_quantizer", f"unknown activation quantizer {self.a_quantizer!r}; allowed: {ACT_QUANTIZERS}")
-        for key in ("per_channel", "zero_preserving", "quantize_attention"):
+        for key in ("per_channel", "zero_preserving", "quantize_attention", "keep_output_embeddings"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, f"must be true/false, got {getattr(self, key)!r}")
         if self.sparsity is not None:

@@ -1,0 +1,185 @@
+"""common.prepare on architectures users bring besides the paper's three: tiny models built from configs (no
+downloads), one per attention / linear flavour the library has to get right."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import common
+from common.export import export_model, load_compressed
+
+V = 100  # vocabulary of the tiny text models
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V)
+SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=V)
+
+
+def _text(b=2, seq=12, decoder=False):
+    batch = dict(input_ids=torch.randint(3, V, (b, seq)), attention_mask=torch.ones(b, seq, dtype=torch.long))
+    batch["attention_mask"][-1, seq - 4:] = 0  # padding, so the mask path is exercised
+    if decoder:
+        batch["decoder_input_ids"] = torch.randint(3, V, (b, 5))
+    return batch
+
+
+def _build(name):
+    """(model, batch, number of backbone linears, names that must stay full precision)."""
+    import transformers as T
+    if name == "distilbert":  # q_lin/k_lin/v_lin, pre_classifier head
+        cfg = T.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V)
+        return T.DistilBertForSequenceClassification(cfg), _text(), 12, {"pre_classifier", "classifier"}
+    if name == "roberta":  # classification head with its own dense layer
+        return T.RobertaForSequenceClassification(T.RobertaConfig(**SMALL)), _text(), 12, {
+            "classifier.dense", "classifier.out_proj"}
+    if name == "gpt2":  # transformers Conv1D layers, fused c_attn, causal mask
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=V)
+        return T.GPT2LMHeadModel(cfg), _text(), 8, {"lm_head"}
+    if name == "llama":  # grouped-query attention, RoPE, causal mask, untied LM head
+        cfg = T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **SMALL)
+        return T.LlamaForCausalLM(cfg), _text(), 14, {"lm_head"}
+    if name == "gemma2":  # attention logit soft-capping, sliding-window layers
+        cfg = T.Gemma2Config(num_key_value_heads=2, head_dim=8, attn_logit_softcapping=0.5, sliding_window=4,
+                             **SMALL)
+        model = T.Gemma2ForSequenceClassification(cfg)
+        with torch.no_grad():  # scores of a few units, so that the cap bends them (at init they are ~1e-3)
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(30)
+                layer.self_attn.k_proj.weight.mul_(30)
+        return model, _text(), 14, {"score"}
+    if name == "t5":  # relative position bias (position_bias), unscaled scores, encoder-decoder
+        cfg = T.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=V)
+        return T.T5ForConditionalGeneration(cfg), _text(decoder=True), 32, {"lm_head"}
+    if name == "bart":  # encoder-decoder with cross-attention, classification head (at each row's one <eos>)
+        batch = _text()
+        batch["input_ids"][:, -1] = 2
+        batch["input_ids"][-1, -5], batch["input_ids"][-1, -4:] = 2, 1  # the padded row: <eos>, then <pad>
+        return T.BartForSequenceClassification(T.BartConfig(**SEQ2SEQ)), batch, 32, {
+            "classification_head.dense", "classification_head.out_proj"}
+    if name == "whisper":  # LM head called proj_out: found as the output embeddings
+        cfg = T.WhisperConfig(num_mel_bins=16, max_source_positions=16, pad_token_id=1, bos_token_id=1,
+                              eos_token_id=2, decoder_start_token_id=1, **SEQ2SEQ)
+        batch = dict(input_features=torch.randn(2, 16, 32), decoder_input_ids=torch.randint(3, V, (2, 5)))
+        return T.WhisperForConditionalGeneration(cfg), batch, 32, {"proj_out"}
+    if name == "deit_distilled":  # timm, two heads
+        import timm
+        m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=4, num_classes=10)
+        return m, torch.randn(2, 3, 32, 32), 8, {"head", "head_dist"}
+    raise KeyError(name)
+
+
+ARCHS = ["distilbert", "roberta", "gpt2", "llama", "gemma2", "t5", "bart", "whisper", "deit_distilled"]
+HF_ARCHS = [a for a in ARCHS if a != "deit_distilled"]
+
+
+def _run(model, batch):
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    return common.logits_of(out)[0]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_prepare_compresses_the_backbone_and_quantizes_every_attention(name, eager_quantizers):
+    model, batch, n_backbone, heads = _build(name)
+    common.prepare(model, common.Recipe())
+    lin = common.compressed_linears(model)
+    assert len(lin) == n_backbone, sorted(lin)
+    kept = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert heads <= kept and not heads & set(lin)
+    for m in lin.values():
+        assert common.check_nm(m.weight, 2, 4) and m.weight.shape == (m.out_features, m.in_features)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="calibrate")  # every quantizer must see data
+        common.calibrate(model, [batch])
+    model.train()
+    _run(model, batch).float().pow(2).mean().backward()
+    attn = [m for m in model.modules() if isinstance(m, common.AttentionQuantizers)]
+    assert attn and all(a.q.hi.grad is not None and a.p.hi.grad is not None for a in attn)  # all of them ran
+    model.eval()
+    with torch.no_grad():
+        a = _run(model, batch)
+        common.convert(model)
+        assert torch.equal(a, _run(model, batch))
+
+
+@pytest.mark.parametrize("name", HF_ARCHS)
+def test_compressed_attention_function_equals_the_models_eager_attention(name):
+    """With no quantizers attached, the registered "compressed" function must compute the model's own eager
+    attention: GQA, RoPE, causal and sliding masks, T5's position bias, Gemma-2's soft-capping, cross-attention."""
+    from common.attention import register_hf_attention
+    model, batch, _, _ = _build(name)
+    model.eval().set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = _run(model, batch)
+        register_hf_attention()
+        model.set_attn_implementation("compressed")
+        torch.testing.assert_close(_run(model, batch), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_conv1d_layers_compute_what_they_computed():
+    """GPT-2's Conv1D (x·W + b, W stored [in, out]) becomes a CompressedLinear holding Wᵀ: with every compression
+    off the model's outputs are unchanged, and the 2:4 mask runs along the input dimension as for nn.Linear."""
+    model, batch, _, _ = _build("gpt2")
+    model.eval()
+    ref = _run(model, batch)
+    w = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # [in, out]
+    off = common.prepare(copy.deepcopy(model), common.Recipe(w_bits=32, a_bits=32, sparsity=None,
+                                                             quantize_attention=False))
+    torch.testing.assert_close(_run(off, batch), ref, atol=1e-5, rtol=1e-5)
+    on = common.prepare(copy.deepcopy(model), common.Recipe(w_bits=32, a_bits=32, quantize_attention=False))
+    fc = on.transformer.h[0].mlp.c_fc
+    assert torch.equal(fc.mask, common.nm_mask(w.t(), 2, 4)) and torch.equal(fc.weight, w.t() * fc.mask)
+
+
+def test_conv1d_model_exports_and_reloads_bit_exactly(tmp_path, eager_quantizers):
+    model, batch, _, _ = _build("gpt2")
+    common.prepare(model, common.Recipe())
+    common.calibrate(model, [batch])
+    common.convert(model)
+    with torch.no_grad():
+        ref = _run(model, batch)
+    export_model(model, tmp_path / "gpt2.c16.safetensors", dtype=torch.float32)
+    back = load_compressed(tmp_path / "gpt2.c16.safetensors")  # GPT2 rebuilt from its config, prepared again
+    with torch.no_grad():
+        assert torch.equal(_run(back, batch), ref)
+
+
+@pytest.mark.parametrize("name", ["deberta_v2", "swin"])
+def test_attention_of_an_unsupported_kind_is_an_error_that_names_it(name):
+    import transformers as T
+    if name == "deberta_v2":  # disentangled attention, not through the attention interface
+        build = lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(**SMALL))
+        want = r"deberta\.encoder\.layer\.0\.attention\.self \(.*DisentangledSelfAttention\)"
+    else:
+        import timm
+        build = lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                                          patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
+                                          num_heads=(2, 4), num_classes=10)
+        want = r"layers\.0\.blocks\.0\.attn \(timm\.models\.swin_transformer\.WindowAttention\)"
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=want + r".*quantize_attention: false"):
+        common.prepare(model, common.Recipe())
+    assert not common.compressed_linears(model) and getattr(model, "compression_recipe", None) is None  # untouched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model = common.prepare(build(), common.Recipe(quantize_attention=False))  # the linears alone still work
+    assert len(common.compressed_linears(model)) >= 8
+    assert not any(isinstance(m, common.AttentionQuantizers) for m in model.modules())
+
+
+def test_attention_sinks_are_refused_not_dropped():
+    from common.attention import hf_compressed_attention
+    module = nn.Module()
+    module.sinks = nn.Parameter(torch.zeros(4))
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        hf_compressed_attention(module, q, q, q, None)
+
+
+def test_output_embeddings_stay_full_precision_unless_asked():
+    model, _, n_backbone, _ = _build("whisper")
+    common.prepare(model, common.Recipe(keep_output_embeddings=False, quantize_attention=False))
+    assert len(common.compressed_linears(model)) == n_backbone + 1 and "proj_out" in common.compressed_linears(model)
+    with pytest.raises(common.RecipeError, match="keep_output_embeddings"):
+        common.Recipe(keep_output_embeddings="yes")
