@@ -295,7 +295,7 @@ def _logits(out) -> torch.Tensor:
 
 
 def part_e2e(args, rec) -> None:
-    from common.export import SemiStructuredLinear, to_semi_structured
+    from common.export import SemiStructuredLinear, semi_structured_skip_reason, to_semi_structured
     dev, size = args.device, args.e2e
     compile_s = warm_kernels(dev)
     torch.manual_seed(0)
@@ -320,9 +320,9 @@ def part_e2e(args, rec) -> None:
             errors[f"sparse_{b}"] = short(e)
     models = {"fp": fp, "frozen": m}
     names = next((i["converted"] for i in infos.values() if i["converted"]), None)
-    if not names and dev.type != "cuda":  # --smoke: no backend converts on the CPU; the 2:4 layers it would take
+    if not names and dev.type != "cuda":  # --smoke: no backend converts on the CPU; the layers it would take
         names = [n for n, mod in m.named_modules() if isinstance(mod, common.FrozenCompressedLinear)
-                 and tuple(mod.nm or ()) == (2, 4)]
+                 and semi_structured_skip_reason(mod) is None]
     if names:  # the layers to_semi_structured converted, with the same wrapper and a dense weight
         dense = copy.deepcopy(m)
         for name in names:

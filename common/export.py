@@ -603,6 +603,26 @@ class SemiStructuredLinear(nn.Module):
 
 
 @torch.no_grad()
+def semi_structured_skip_reason(m: FrozenCompressedLinear, sparse_cls=None, dtype=torch.float16) -> str | None:
+    """Why to_semi_structured leaves the frozen layer `m` as it is, or None if it converts it. Without `sparse_cls`
+    (a torch.sparse.SparseSemiStructuredTensor subclass) only the layer itself counts (a 2:4 mask, a weight grid
+    with an exact zero), not its device or the backend's shape limits."""
+    if tuple(m.nm or ()) != (2, 4) or m.mask is None:
+        return "not 2:4 sparse"
+    if not m.zero_preserving and m.weight is None:
+        return "plain grid: pruned weights are not zero"
+    if sparse_cls is None:
+        return None
+    dev = (m.weight_codes if m.weight is None else m.weight).device
+    if dev.type != "cuda":
+        return f"on {dev}, not CUDA: move the model to the GPU first"
+    c = sparse_cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
+    if c is None or m.out_features % c.sparse_min_rows or m.in_features % c.sparse_min_cols:
+        return (f"shape {m.out_features}x{m.in_features} not a multiple of "
+                f"{(c.sparse_min_rows, c.sparse_min_cols) if c else '?'} for {sparse_cls.__name__} {dtype}")
+    return None
+
+
 def to_semi_structured(model: nn.Module, dtype=torch.float16, backend: str = "auto") -> dict:
     """Swap the converted model's 2:4 linears for SemiStructuredLinear (torch.sparse.to_sparse_semi_structured
     layouts) for inference on GPUs with sparse tensor cores (Ampere and newer), in place. The model must be on a
@@ -624,17 +644,9 @@ def to_semi_structured(model: nn.Module, dtype=torch.float16, backend: str = "au
     for name, m in list(model.named_modules()):
         if not isinstance(m, FrozenCompressedLinear):
             continue
-        dev = (m.weight_codes if m.weight is None else m.weight).device
-        c = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
-        if tuple(m.nm or ()) != (2, 4) or m.mask is None:
-            skipped[name] = "not 2:4 sparse"
-        elif not m.zero_preserving and m.weight is None:
-            skipped[name] = "plain grid: pruned weights are not zero"
-        elif dev.type != "cuda":
-            skipped[name] = f"on {dev}, not CUDA: move the model to the GPU first"
-        elif c is None or m.out_features % c.sparse_min_rows or m.in_features % c.sparse_min_cols:
-            skipped[name] = (f"shape {m.out_features}x{m.in_features} not a multiple of "
-                             f"{(c.sparse_min_rows, c.sparse_min_cols) if c else '?'} for {backend} {dtype}")
+        reason = semi_structured_skip_reason(m, cls, dtype)
+        if reason is not None:
+            skipped[name] = reason
         else:
             new = SemiStructuredLinear(m, dtype, cls)
             parent, _, attr = name.rpartition(".")

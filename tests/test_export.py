@@ -405,6 +405,22 @@ def test_semi_structured_needs_cuda():
         to_semi_structured(model)
 
 
+def test_which_layers_semi_structured_takes():
+    """to_semi_structured's choice, which bench_gpu --smoke also uses: 2:4 layers on the zero-preserving grid; given
+    a backend, also their device (and, on a GPU only, the backend's shape limits)."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as cutlass
+    from common.export import semi_structured_skip_reason as reason
+    for recipe, want in [(common.Recipe(quantize_attention=False), None),
+                         (common.Recipe(quantize_attention=False, sparsity=None), "not 2:4 sparse"),
+                         (common.Recipe(quantize_attention=False, zero_preserving=False), "plain grid")]:
+        layers = list(common.compressed_linears(common.convert(common.prepare(tiny_bert_qa(), recipe))).values())
+        assert len(layers) == 12
+        for m in layers:
+            assert reason(m) is None if want is None else want in reason(m)
+            if want is None:
+                assert "not CUDA" in reason(m, cutlass, torch.float16)
+
+
 def test_semi_structured_layer_logic_on_cpu(float_matmul):
     """The wrapper (input quantizer, reshape, dtype casts, bias) with a stand-in for the sparse tensor class: a
     float matmul, compared with the frozen layer's float matmul."""
