@@ -7,6 +7,7 @@ from .dropout import ScheduledDropout
 from .fast_dropout import FastDropout, fast_dropout, use_fast_dropout
 from .linear import CompressedLinear, WeightQuantSpec
 from .pact import ActQuantizer
+from .plan import Plan, prepare_plan
 from .prepare import (FrozenCompressedLinear, act_quantizers, calibrate, compressed_linears, convert, masks_of,
                       prepare)
 from .recipe import DEFAULT_SKIP, Recipe, RecipeError
@@ -18,5 +19,5 @@ __all__ = [
     "DistillationLoss",
     "FastDropout", "FrozenCompressedLinear", "Recipe", "RecipeError", "ScheduledDropout", "WeightQuantSpec",
     "act_quantizers", "calibrate", "check_nm", "compressed_linears", "compression_summary", "convert", "fast_dropout",
-    "kd_kl", "logits_of", "masks_of", "nm_mask", "prepare", "use_fast_dropout",
+    "kd_kl", "logits_of", "masks_of", "nm_mask", "Plan", "prepare", "prepare_plan", "use_fast_dropout",
 ]

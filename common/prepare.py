@@ -9,25 +9,18 @@ import torch
 from torch import nn
 
 from . import int_matmul
-from .attention import (AttentionQuantizers, is_hf_attention, is_timm_attention, timm_compressed_attention_cls,
-                        unsupported_attention, use_hf_compressed_attention)
+from .attention import (AttentionQuantizers, is_timm_attention, timm_compressed_attention_cls,
+                        use_hf_compressed_attention)
 from .fake_quant import act_qparams, dequantize_weight, quantize_act, quantize_weight_codes
 from .linear import CompressedLinear, WeightQuantSpec, as_linear
 from .pact import ActQuantizer, _act_forward_codes
+from .plan import prepare_plan
 from .recipe import Recipe
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
-def _output_heads(model: nn.Module) -> set[str]:
-    """Names of the modules a Hugging Face model calls its output embeddings (the LM / CTC head, whatever its
-    name: lm_head, proj_out, vocab_projector, ...). They stay full precision with the other task heads."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
 def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -41,45 +34,30 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
     """
     if getattr(model, "compression_recipe", None) is not None:
         raise ValueError("model is already prepared; build a fresh model to prepare it with another recipe")
-    # which attention modules to quantize is settled first, so that an error leaves the model as it was
-    attention = []
-    if recipe.quantize_attention and recipe.quantize_acts:
-        supported = lambda m: is_timm_attention(m) or is_hf_attention(m)
-        other = [f"{n} ({cls})" for n, cls in unsupported_attention(model, supported) if not recipe.skips(n)]
-        if other:
-            raise ValueError(f"prepare: {len(other)} attention modules are of a kind the compressed attention does "
-                             f"not cover, e.g. {', '.join(other[:2])}; it covers Hugging Face models that call the "
-                             "attention interface (transformers 5.x) and timm's Attention (ViT, DeiT). Set "
-                             "quantize_attention: false to compress the linears only")
-        attention = [(n, m) for n, m in model.named_modules() if supported(m) and not recipe.skips(n)]
-        if not attention:
-            raise ValueError("quantize_attention=True but the model has no supported attention module "
-                             "(Hugging Face AttentionInterface models or timm Attention); set it to false")
-
+    todo = prepare_plan(model, recipe)  # settled first, so that a refusal leaves the model as it was
+    if todo.error():
+        raise ValueError(f"prepare: {todo.error()}")
     masks = masks or {}
     nm = recipe.nm
     density = nm[0] / nm[1] if nm else 1.0
-    n_linear = 0
-    heads = _output_heads(model) if recipe.keep_output_embeddings else set()
-    for name, mod in list(model.named_modules()):
-        if recipe.skips(name) or name in heads or (mod := as_linear(mod)) is None:
-            continue
+    for name in todo.compress:
         wspec = (WeightQuantSpec(recipe.w_bits, recipe.w_quantizer, recipe.zero_preserving, recipe.per_channel,
                                  density) if recipe.quantize_weights else None)
         aq = ActQuantizer(recipe.a_bits, recipe.a_quantizer, recipe.zero_preserving) if recipe.quantize_acts else None
-        _set_child(model, name, CompressedLinear.from_linear(mod, wspec, aq, nm, masks.get(name)))
-        n_linear += 1
-    if n_linear == 0 and recipe.compresses:
+        lin = as_linear(model.get_submodule(name))
+        _set_child(model, name, CompressedLinear.from_linear(lin, wspec, aq, nm, masks.get(name)))
+    if not todo.compress and recipe.compresses:
         warnings.warn("prepare: no nn.Linear outside the skip patterns was found; nothing was compressed")
 
     prob_bits = recipe.attn_prob_bits or recipe.a_bits
-    for name, mod in attention:  # the same module objects: swapping their linears above kept them
+    for name in todo.attention:
+        mod = model.get_submodule(name)
         quants = AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving)
         if is_timm_attention(mod):
             _set_child(model, name, timm_compressed_attention_cls().from_timm(mod, quants))
         else:
             mod.attn_quant = quants
-    if attention:
+    if todo.attention:
         use_hf_compressed_attention(model)
     model.compression_recipe = recipe
     return model

@@ -1,6 +1,7 @@
 """common.prepare on architectures users bring besides the paper's three: tiny models built from configs (no
 downloads), one per attention / linear flavour the library has to get right."""
 import copy
+import json
 import warnings
 
 import pytest
@@ -183,3 +184,40 @@ def test_output_embeddings_stay_full_precision_unless_asked():
     assert len(common.compressed_linears(model)) == n_backbone + 1 and "proj_out" in common.compressed_linears(model)
     with pytest.raises(common.RecipeError, match="keep_output_embeddings"):
         common.Recipe(keep_output_embeddings="yes")
+
+
+def _describe(capsys, *argv):
+    from common.describe import main
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_describe_prints_what_prepare_will_do_without_the_weights(tmp_path, capsys):
+    model, _, _, _ = _build("gpt2")
+    model.save_pretrained(tmp_path / "gpt2")
+    for f in (tmp_path / "gpt2").glob("*.safetensors"):
+        f.unlink()  # only config.json is read
+    rc, out, _ = _describe(capsys, "--hf", str(tmp_path / "gpt2"), "--json")
+    plan = json.loads(out)
+    assert rc == 0 and plan["summary"]["compressed_linears"] == 8 and plan["summary"]["error"] is None
+    assert plan["keep"] == {"lm_head": "skip: matches 'lm_head'"}
+    assert plan["compress"]["transformer.h.0.attn.c_attn"] == [96, 32]  # [out, in] of the Conv1D's [32, 96]
+    assert plan["summary"]["bits_per_backbone_weight"] == 2.0 and len(plan["attention"]) == 2
+    prepared = common.prepare(_build("gpt2")[0], common.Recipe())  # the same layers as prepare compresses
+    assert set(common.compressed_linears(prepared)) == set(plan["compress"])
+    rc, out, _ = _describe(capsys, "--timm", "vit_tiny_patch16_224", "sparsity=null")
+    assert rc == 0 and "blocks.*.attn.qkv" in out and "x12" in out and "4 bits each, 8x vs fp32" in out
+
+
+def test_describe_names_what_it_cannot_cover_and_bad_input(tmp_path, capsys):
+    import transformers as T
+    T.DebertaV2ForSequenceClassification(T.DebertaV2Config(**SMALL)).save_pretrained(tmp_path / "deberta")
+    rc, out, _ = _describe(capsys, "--hf", str(tmp_path / "deberta"))
+    assert rc == 1 and "prepare would fail" in out and "deberta.encoder.layer.*.attention.self" in out
+    rc, out, _ = _describe(capsys, "--hf", str(tmp_path / "deberta"), "quantize_attention=false")
+    assert rc == 0 and "quantized attention (0 modules)" in out
+    rc, _, err = _describe(capsys, "--hf", str(tmp_path / "deberta"), "sparsity=3:2")
+    assert rc == 2 and "'sparsity'" in err
+    rc, _, err = _describe(capsys, "--hf", str(tmp_path / "missing"))
+    assert rc == 2 and "cannot build" in err and "missing" in err
