@@ -2,8 +2,9 @@
 
 Hugging Face transformers 5.x models call a registered attention function (`AttentionInterface`); we register
 "compressed" and switch the model to it, so no model code is patched. The quantizers live on each attention module
-(`module.attn_quant`), where the function finds them. timm ViT: its `Attention` is swapped for a subclass that runs
-timm's explicit (non-fused) path with the quantizers in it; parameter names are unchanged.
+(`module.attn_quant`), where the function finds them. timm: its `Attention` (ViT, DeiT) and Swin's `WindowAttention`
+are swapped for subclasses that run timm's explicit (non-fused) path with the quantizers in it; parameter names are
+unchanged.
 """
 from __future__ import annotations
 
@@ -135,29 +136,30 @@ def unsupported_attention(model: nn.Module, supported) -> list[tuple[str, str]]:
 
 
 # -- timm -----------------------------------------------------------------------------------------------------
-def _timm_attention_cls():
-    # A model holding timm's Attention means timm is imported already: checking sys.modules spares HF-only runs
+def _timm_classes() -> dict[type, type]:
+    # A model holding timm's attention means timm is imported already: checking sys.modules spares HF-only runs
     # the import (~2.6 s per process here), and keeps timm optional for them
-    if "timm" not in sys.modules:
-        return None
-    from timm.layers import Attention
-    return Attention
+    return _timm_compressed_classes() if "timm" in sys.modules else {}
+
+
+class _FromTimm:
+    @classmethod
+    def from_timm(cls, attn: nn.Module, quants: AttentionQuantizers | None):
+        new = cls.__new__(cls)
+        new.__dict__.update(attn.__dict__)  # same submodules and parameters, so state_dict keys are unchanged
+        new.attn_quant = quants
+        return new
 
 
 @functools.cache
-def timm_compressed_attention_cls():
-    """The subclass is built on first use so that timm stays an optional import."""
-    Attention = _timm_attention_cls()
+def _timm_compressed_classes() -> dict[type, type]:
+    """{timm attention class: its subclass running the explicit path with `attn_quant` on the matmul operands}.
+    Built on first use so that timm stays an optional import."""
+    from timm.layers import Attention
+    from timm.models.swin_transformer import WindowAttention
 
-    class CompressedTimmAttention(Attention):
-        """timm Attention running its explicit path, with `attn_quant` on the matmul operands."""
-
-        @classmethod
-        def from_timm(cls, attn: Attention, quants: AttentionQuantizers | None):
-            new = cls.__new__(cls)
-            new.__dict__.update(attn.__dict__)  # same submodules and parameters, so state_dict keys are unchanged
-            new.attn_quant = quants
-            return new
+    class CompressedTimmAttention(_FromTimm, Attention):
+        """timm's Attention (ViT, DeiT)."""
 
         def forward(self, x, attn_mask=None, is_causal=False):
             B, N, _ = x.shape
@@ -179,9 +181,30 @@ def timm_compressed_attention_cls():
                 x = x * gate
             return self.proj_drop(self.proj(x))
 
-    return CompressedTimmAttention
+    class CompressedWindowAttention(_FromTimm, WindowAttention):
+        """timm's Swin WindowAttention: relative position bias, plus the shifted windows' 0/-inf mask."""
+
+        def forward(self, x, mask=None):
+            B_, N, _ = x.shape
+            qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            bias = self._get_rel_pos_bias()  # (1, heads, N, N)
+            if mask is not None:  # (windows, N, N), repeated over the batch as timm's fused path does
+                num_win = mask.shape[0]
+                mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
+                bias = bias + mask.reshape(-1, self.num_heads, N, N)
+            x, _ = attention_core(q, k, v, bias, self.scale, self.attn_drop.p, self.training, self.attn_quant)
+            x = x.transpose(1, 2).reshape(B_, N, -1)
+            return self.proj_drop(self.proj(x))
+
+    return {Attention: CompressedTimmAttention, WindowAttention: CompressedWindowAttention}
 
 
 def is_timm_attention(module: nn.Module) -> bool:
-    Attention = _timm_attention_cls()
-    return Attention is not None and type(module) is Attention
+    """One of the timm attention classes the compressed attention covers (Attention, Swin's WindowAttention)."""
+    return type(module) in _timm_classes()
+
+
+def timm_compressed_attention(module: nn.Module, quants: AttentionQuantizers | None) -> nn.Module:
+    """The explicit-path subclass of a supported timm attention module, sharing its submodules and parameters."""
+    return _timm_classes()[type(module)].from_timm(module, quants)

@@ -55,7 +55,7 @@ def use_fast_dropout(model: nn.Module) -> int:
     with ATen's serial Bernoulli.
     Returns the number of dropout modules swapped. Call it only when training on CPU: on a GPU the fused kernels
     are faster."""
-    from .attention import is_timm_attention, timm_compressed_attention_cls, use_hf_compressed_attention
+    from .attention import is_timm_attention, timm_compressed_attention, use_hf_compressed_attention
     from .prepare import _set_child
     n = 0
     for name, mod in list(model.named_modules()):
@@ -63,6 +63,6 @@ def use_fast_dropout(model: nn.Module) -> int:
             _set_child(model, name, FastDropout(mod.p, mod.inplace).train(mod.training))
             n += 1
         elif is_timm_attention(mod):  # timm's fused path would draw its dropout mask inside SDPA
-            _set_child(model, name, timm_compressed_attention_cls().from_timm(mod, None))
+            _set_child(model, name, timm_compressed_attention(mod, None))
     use_hf_compressed_attention(model)
     return n

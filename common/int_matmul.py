@@ -58,8 +58,10 @@ def int_linear(x_codes: torch.Tensor, x_step: torch.Tensor, w_codes: torch.Tenso
     k = x_codes.shape[-1]
     acc = torch._int_mm(x_codes.reshape(-1, k), w_codes.t())  # w_codesᵀ as a view: measured faster than a copy
     scale = x_step.float() * (w_step.float().reshape(1, -1) if w_step.numel() > 1 else w_step.float())
-    # int32 -> float32 is exact while |sum| < 2^24 (4-bit codes: k < 159,000), one rounding beyond
-    y = acc.to(torch.float32).mul_(scale)
+    # int32 -> float32 is exact while |sum| < 2^24 (4-bit codes: k < 159,000), one rounding beyond. Shaped before
+    # the conversion, so that the result is a tensor of its own, not a view: a view made inside an autograd
+    # Function may not be modified in place afterwards (timm's `qkv += bias`, ReLU(inplace=True))
+    y = acc.view(*x_codes.shape[:-1], w_codes.shape[0]).to(torch.float32).mul_(scale)
     if bias is not None:
         y.add_(bias.to(torch.float32))
-    return y.view(*x_codes.shape[:-1], w_codes.shape[0])
+    return y

@@ -163,6 +163,8 @@ class CompressedLinear(nn.Linear):
             aq.observe(x, aq.observing)
             aq = None
         aspec = None if aq is None else (aq.bits, aq.zero_preserving, bool(aq.signed), aq.method == "pact+")
-        return CompressedLinearFn.apply(x, self.weight, self.bias, self.mask,
-                                        None if aq is None else aq.lo, None if aq is None else aq.hi,
-                                        self.wspec, aspec)
+        # the Function sees rows and returns a tensor of its own, reshaped here: a view made inside an autograd
+        # Function may not be modified in place afterwards (timm's `qkv += bias`, ReLU(inplace=True))
+        y = CompressedLinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.mask,
+                                     None if aq is None else aq.lo, None if aq is None else aq.hi, self.wspec, aspec)
+        return y.view(*x.shape[:-1], self.out_features)

@@ -21,6 +21,9 @@ class Plan:
     keep: dict[str, str] = field(default_factory=dict)                  # linear -> why it stays full precision
     attention: list[str] = field(default_factory=list)                  # modules whose matmul operands get quantized
     unsupported: list[tuple[str, str]] = field(default_factory=list)    # (module, class): attention prepare refuses
+    # timm attention with q/v biases (BEiT, EVA, Swin-V2) computes F.linear(x, qkv.weight, bias) itself, past the
+    # compressed qkv; prepare sets their qkv_bias_separate (qkv(x) + bias: the same sum) so that qkv runs
+    separate_qkv_bias: list[str] = field(default_factory=list)
     recipe: Recipe | None = None
 
     def error(self) -> str | None:
@@ -32,11 +35,11 @@ class Plan:
             other = [f"{n} ({cls})" for n, cls in self.unsupported]
             return (f"{len(other)} attention modules are of a kind the compressed attention does not cover, e.g. "
                     f"{', '.join(other[:2])}; it covers Hugging Face models that call the attention interface "
-                    "(transformers 5.x) and timm's Attention (ViT, DeiT). Set quantize_attention: false to compress "
+                    "(transformers 5.x), timm's Attention (ViT, DeiT) and Swin's WindowAttention. Set quantize_attention: false to compress "
                     "the linears only")
         if not self.attention:
             return ("quantize_attention=True but the model has no supported attention module (Hugging Face "
-                    "AttentionInterface models or timm Attention); set it to false")
+                    "AttentionInterface models, timm Attention or WindowAttention); set it to false")
         return None
 
     def summary(self) -> dict:
@@ -74,6 +77,9 @@ class Plan:
             out.append(f"  {g:<60s} x{len(names):<3d} {self.keep[names[0]]}")
         out.append(f"quantized attention ({s['quantized_attention']} modules):")
         out += [f"  {g:<60s} x{len(names)}" for g, names in grouped(self.attention).items()]
+        if self.separate_qkv_bias:
+            out.append("qkv bias added after the compressed qkv (qkv_bias_separate = True):")
+            out += [f"  {g:<60s} x{len(names)}" for g, names in grouped(self.separate_qkv_bias).items()]
         if self.unsupported:
             out.append("attention of a kind not covered:")
             out += [f"  {g:<60s} x{len(names)}" for g, names in grouped(n for n, _ in self.unsupported).items()]
@@ -103,8 +109,13 @@ def prepare_plan(model: nn.Module, recipe: Recipe) -> Plan:
             p.keep[name] = f"skip: matches {hit.group(0).strip('.')!r}"
         elif name in heads:
             p.keep[name] = "output embeddings"
+        elif recipe.nm and lin.in_features % recipe.nm[1]:  # choice: keep it whole rather than refuse the model
+            p.keep[name] = f"input dim {lin.in_features} is not a multiple of {recipe.nm[1]} ({recipe.sparsity})"
         else:
             p.compress[name] = (lin.out_features, lin.in_features)
+    p.separate_qkv_bias = [n for n, m in model.named_modules()
+                           if getattr(m, "q_bias", None) is not None and getattr(m, "qkv_bias_separate", True) is False
+                           and f"{n}.qkv" in p.compress]
     if recipe.quantize_attention and recipe.quantize_acts:
         supported = lambda m: is_timm_attention(m) or is_hf_attention(m)
         p.unsupported = [(n, c) for n, c in unsupported_attention(model, supported) if not recipe.skips(n)]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import int_matmul
-from .attention import (AttentionQuantizers, is_timm_attention, timm_compressed_attention_cls,
+from .attention import (AttentionQuantizers, is_timm_attention, timm_compressed_attention,
                         use_hf_compressed_attention)
 from .fake_quant import act_qparams, dequantize_weight, quantize_act, quantize_weight_codes
 from .linear import CompressedLinear, WeightQuantSpec, as_linear
@@ -46,6 +46,12 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
         aq = ActQuantizer(recipe.a_bits, recipe.a_quantizer, recipe.zero_preserving) if recipe.quantize_acts else None
         lin = as_linear(model.get_submodule(name))
         _set_child(model, name, CompressedLinear.from_linear(lin, wspec, aq, nm, masks.get(name)))
+    for name in todo.separate_qkv_bias:
+        model.get_submodule(name).qkv_bias_separate = True
+    odd = [n for n, why in todo.keep.items() if why.startswith("input dim")]
+    if odd:
+        warnings.warn(f"prepare: {len(odd)} linears stay full precision, their input dimension not being a multiple "
+                      f"of M in {recipe.sparsity}: {odd[:3]}{' ...' if len(odd) > 3 else ''}")
     if not todo.compress and recipe.compresses:
         warnings.warn("prepare: no nn.Linear outside the skip patterns was found; nothing was compressed")
 
@@ -54,7 +60,7 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
         mod = model.get_submodule(name)
         quants = AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving)
         if is_timm_attention(mod):
-            _set_child(model, name, timm_compressed_attention_cls().from_timm(mod, quants))
+            _set_child(model, name, timm_compressed_attention(mod, quants))
         else:
             mod.attn_quant = quants
     if todo.attention:

@@ -68,11 +68,16 @@ def _build(name):
         m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
                               embed_dim=32, depth=2, num_heads=4, num_classes=10)
         return m, torch.randn(2, 3, 32, 32), 8, {"head", "head_dist"}
+    if name == "swin":  # timm WindowAttention: relative position bias, shifted-window mask, patch merging
+        import timm
+        m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
+                              window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+        return m, torch.randn(2, 3, 32, 32), 17, {"head.fc"}  # 2 stages x 2 blocks x 4, + the merging reduction
     raise KeyError(name)
 
 
-ARCHS = ["distilbert", "roberta", "gpt2", "llama", "gemma2", "t5", "bart", "whisper", "deit_distilled"]
-HF_ARCHS = [a for a in ARCHS if a != "deit_distilled"]
+ARCHS = ["distilbert", "roberta", "gpt2", "llama", "gemma2", "t5", "bart", "whisper", "deit_distilled", "swin"]
+HF_ARCHS = [a for a in ARCHS if a not in ("deit_distilled", "swin")]
 
 
 def _run(model, batch):
@@ -146,7 +151,20 @@ def test_conv1d_model_exports_and_reloads_bit_exactly(tmp_path, eager_quantizers
         assert torch.equal(_run(back, batch), ref)
 
 
-@pytest.mark.parametrize("name", ["deberta_v2", "swin"])
+def test_swin_window_attention_path_equals_timms():
+    """The compressed WindowAttention with no quantizers computes timm's own (shifted windows: the second block)."""
+    from common.attention import timm_compressed_attention
+    model, x, _, _ = _build("swin")
+    model.eval()
+    ref = model(x)
+    for stage in model.layers:
+        for blk in stage.blocks:
+            blk.attn = timm_compressed_attention(blk.attn, None)
+    assert model.layers[0].blocks[1].attn_mask is not None  # the shifted block's mask is exercised
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deberta_v2", "beit"])
 def test_attention_of_an_unsupported_kind_is_an_error_that_names_it(name):
     import transformers as T
     if name == "deberta_v2":  # disentangled attention, not through the attention interface
@@ -154,10 +172,9 @@ def test_attention_of_an_unsupported_kind_is_an_error_that_names_it(name):
         want = r"deberta\.encoder\.layer\.0\.attention\.self \(.*DisentangledSelfAttention\)"
     else:
         import timm
-        build = lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
-                                          patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
-                                          num_heads=(2, 4), num_classes=10)
-        want = r"layers\.0\.blocks\.0\.attn \(timm\.models\.swin_transformer\.WindowAttention\)"
+        build = lambda: timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                          embed_dim=32, depth=2, num_heads=4, num_classes=10)
+        want = r"blocks\.0\.attn \(timm\.models\.beit\.Attention\)"
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=want + r".*quantize_attention: false"):
@@ -221,3 +238,32 @@ def test_describe_names_what_it_cannot_cover_and_bad_input(tmp_path, capsys):
     assert rc == 2 and "'sparsity'" in err
     rc, _, err = _describe(capsys, "--hf", str(tmp_path / "missing"))
     assert rc == 2 and "cannot build" in err and "missing" in err
+
+
+@pytest.mark.parametrize("name", ["beit", "eva02"])
+def test_timm_qv_bias_attention_runs_its_compressed_qkv(name, eager_quantizers):
+    """BEiT / EVA compute F.linear(x, qkv.weight, q/v bias) themselves; prepare makes them add the bias after qkv,
+    so the compressed qkv runs (its input quantizer sees data) and, with compression off, nothing changes."""
+    import timm
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10)
+    model = timm.create_model({"beit": "beit_base_patch16_224", "eva02": "eva02_tiny_patch14_224"}[name],
+                              pretrained=False, **kw).eval()
+    assert model.blocks[0].attn.q_bias is not None and not model.blocks[0].attn.qkv_bias_separate
+    with torch.no_grad():
+        model.blocks[0].attn.q_bias.normal_()  # zero at init, which would hide a bias left out
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    off = common.prepare(copy.deepcopy(model), common.Recipe(w_bits=32, a_bits=32, sparsity=None,
+                                                             quantize_attention=False))
+    assert off.blocks[0].attn.qkv_bias_separate
+    torch.testing.assert_close(off(x), ref, atol=1e-5, rtol=1e-5)
+    if name == "eva02":  # its SwiGLU's fc2 takes 85 inputs: no 2:4 groups, so it stays whole, with a warning
+        with pytest.warns(UserWarning, match=r"2 linears stay full precision.*blocks\.0\.mlp\.fc2"):
+            on = common.prepare(copy.deepcopy(model), common.Recipe(quantize_attention=False))
+        assert type(on.blocks[0].mlp.fc2) is nn.Linear
+    else:
+        on = common.prepare(copy.deepcopy(model), common.Recipe(quantize_attention=False))
+    assert "blocks.0.attn.qkv" in common.compressed_linears(on)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="calibrate")
+        common.calibrate(on, [x])

@@ -117,3 +117,26 @@ def test_activation_codes_are_the_fake_quant_grid():
     assert torch.equal(k.float() * scale, xq)  # codes with the zero point folded in, on the same grid
     assert int(k.min()) == -int(zp) and int(k.max()) == 15 - int(zp)  # x spans the clip range: both ends reached
     assert torch.equal(quantize_act_codes(x, scale, zp, 4, values=False)[1], k)
+
+
+@pytest.mark.parametrize("int_mode", ["auto", False])
+def test_output_may_be_modified_in_place_in_training(mode, int_mode):
+    """Models add to a linear's output in place (timm's `qkv += qkv_bias`, ReLU(inplace=True)): the layer's output
+    must be a tensor of its own, with the gradients of the out-of-place computation."""
+    layer = _layer(False)
+    mode(int_mode)
+    x, b = torch.randn(2, 7, 64) * 1.5, torch.randn(48)
+    grads = []
+    for inplace in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        if inplace:
+            y += b
+            y.relu_()
+        else:
+            y = (y + b).relu()
+        y.pow(2).sum().backward()
+        grads.append((y.detach(), xi.grad, layer.weight.grad, layer.input_quant.hi.grad))
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)

@@ -96,13 +96,13 @@ def test_hf_attention_unquantized_path_equals_eager():
 
 
 def test_timm_explicit_path_equals_fused_when_unquantized():
-    from common.attention import timm_compressed_attention_cls
+    from common.attention import timm_compressed_attention
     base = tiny_vit().eval()
     x = torch.randn(2, 3, 32, 32)
     ref = base(x)
     m = copy.deepcopy(base)
     for blk in m.blocks:
-        blk.attn = timm_compressed_attention_cls().from_timm(blk.attn, None)
+        blk.attn = timm_compressed_attention(blk.attn, None)
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
     assert set(m.state_dict()) == set(base.state_dict())
 
