@@ -24,6 +24,7 @@ class Plan:
     # timm attention with q/v biases (BEiT, EVA, Swin-V2) computes F.linear(x, qkv.weight, bias) itself, past the
     # compressed qkv; prepare sets their qkv_bias_separate (qkv(x) + bias: the same sum) so that qkv runs
     separate_qkv_bias: list[str] = field(default_factory=list)
+    indivisible: list[str] = field(default_factory=list)  # linears kept whole: input dim not a multiple of M
     recipe: Recipe | None = None
 
     def error(self) -> str | None:
@@ -35,8 +36,8 @@ class Plan:
             other = [f"{n} ({cls})" for n, cls in self.unsupported]
             return (f"{len(other)} attention modules are of a kind the compressed attention does not cover, e.g. "
                     f"{', '.join(other[:2])}; it covers Hugging Face models that call the attention interface "
-                    "(transformers 5.x), timm's Attention (ViT, DeiT) and Swin's WindowAttention. Set quantize_attention: false to compress "
-                    "the linears only")
+                    "(transformers 5.x), timm's Attention (ViT, DeiT) and Swin's WindowAttention. Set "
+                    "quantize_attention: false to compress the linears only")
         if not self.attention:
             return ("quantize_attention=True but the model has no supported attention module (Hugging Face "
                     "AttentionInterface models, timm Attention or WindowAttention); set it to false")
@@ -111,6 +112,7 @@ def prepare_plan(model: nn.Module, recipe: Recipe) -> Plan:
             p.keep[name] = "output embeddings"
         elif recipe.nm and lin.in_features % recipe.nm[1]:  # choice: keep it whole rather than refuse the model
             p.keep[name] = f"input dim {lin.in_features} is not a multiple of {recipe.nm[1]} ({recipe.sparsity})"
+            p.indivisible.append(name)
         else:
             p.compress[name] = (lin.out_features, lin.in_features)
     p.separate_qkv_bias = [n for n, m in model.named_modules()

@@ -30,7 +30,8 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
     decides them), unless `masks` ({linear name: bool mask}, e.g. from a sparse checkpoint) gives them.
     transformers' Conv1D layers (GPT-2) become CompressedLinear too, their weight stored [out, in] from then on.
     Attention modules of a kind the compressed attention does not cover are an error (their matmuls would stay
-    full precision) unless recipe.quantize_attention is False.
+    full precision) unless recipe.quantize_attention is False; the model is left as it was. `prepare_plan` says
+    beforehand what this will do (common/plan.py).
     """
     if getattr(model, "compression_recipe", None) is not None:
         raise ValueError("model is already prepared; build a fresh model to prepare it with another recipe")
@@ -48,7 +49,7 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
         _set_child(model, name, CompressedLinear.from_linear(lin, wspec, aq, nm, masks.get(name)))
     for name in todo.separate_qkv_bias:
         model.get_submodule(name).qkv_bias_separate = True
-    odd = [n for n, why in todo.keep.items() if why.startswith("input dim")]
+    odd = todo.indivisible
     if odd:
         warnings.warn(f"prepare: {len(odd)} linears stay full precision, their input dimension not being a multiple "
                       f"of M in {recipe.sparsity}: {odd[:3]}{' ...' if len(odd) > 3 else ''}")
