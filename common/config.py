@@ -20,17 +20,19 @@ class ConfigError(ValueError):
 OPEN_SECTIONS = ("compression", "train")
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: str | Path, error: type[ValueError] = ConfigError, what: str = "config file") -> dict:
+    """The mapping a YAML file holds ({} if empty); `error` names the file and the problem otherwise."""
+    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise error(f"{path}: {what} not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -53,7 +55,7 @@ def load_yaml_config(path: str | Path) -> dict:
     """Read a config, resolving `_base_` (a file or a list, relative to this one) recursively.
     Keys that the base does not have are errors."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     bases = data.pop("_base_", None)
     if bases is None:
         return data

@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)  # 32 = that quantizer is off
 WEIGHT_QUANTIZERS = ("sawb", "minmax")
@@ -146,16 +145,8 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: recipe file not found") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from None
-        if data is not None and not isinstance(data, dict):
-            raise RecipeError(f"{path}: expected a mapping of recipe keys, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        from .config import read_yaml_mapping
+        return cls.from_dict(read_yaml_mapping(path, RecipeError, "recipe file"), source=str(path))
 
     @classmethod
     def none(cls) -> "Recipe":

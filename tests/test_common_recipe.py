@@ -20,6 +20,9 @@ def test_defaults_are_the_paper_recipe():
     ("a_bits: 1\n", "a_bits"),
     ("w_quantizer: lsq\n", "w_quantizer"),
     ("zero_preserving: maybe\n", "zero_preserving"),
+    ("keep_output_embeddings: 2\n", "keep_output_embeddings"),
+    ("- w_bits: 4\n", "expected a mapping"),
+    ("w_bits: [4\n", "not valid YAML"),
 ])
 def test_bad_yaml_fails_at_load_naming_the_key(tmp_path, text, key):
     f = tmp_path / "recipe.yaml"
@@ -27,6 +30,11 @@ def test_bad_yaml_fails_at_load_naming_the_key(tmp_path, text, key):
     with pytest.raises(RecipeError) as e:
         Recipe.from_yaml(f)
     assert key in str(e.value) and str(f) in str(e.value)
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match=f"{tmp_path / 'nope.yaml'}: recipe file not found"):
+        Recipe.from_yaml(tmp_path / "nope.yaml")
 
 
 def test_yaml_roundtrip(tmp_path):
