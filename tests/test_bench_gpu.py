@@ -2,6 +2,7 @@
 numbers below are test inputs, not measurements)."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,13 @@ def test_exits_with_a_clear_message_without_cuda(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--parts", "linears"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "needs a CUDA GPU" in p.stderr
+
+
+@no_cuda
+def test_gpu_check_script_says_there_is_nothing_to_check(tmp_path):
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out")})
+    assert p.returncode == 2 and "no CUDA GPU here" in p.stderr and not (tmp_path / "out").exists()
 
 
 def test_rejects_unknown_parts():
