@@ -2,9 +2,9 @@
 
 Hugging Face transformers 5.x models call a registered attention function (`AttentionInterface`); we register
 "compressed" and switch the model to it, so no model code is patched. The quantizers live on each attention module
-(`module.attn_quant`), where the function finds them. timm: its `Attention` (ViT, DeiT) and Swin's `WindowAttention`
-are swapped for subclasses that run timm's explicit (non-fused) path with the quantizers in it; parameter names are
-unchanged.
+(`module.attn_quant`), where the function finds them. timm: its `Attention` (ViT, DeiT), Swin's `WindowAttention`,
+BEiT's and EVA's attention are swapped for subclasses that run timm's explicit (non-fused) path with the quantizers in
+it; parameter names are unchanged.
 """
 from __future__ import annotations
 
@@ -155,8 +155,27 @@ class _FromTimm:
 def _timm_compressed_classes() -> dict[type, type]:
     """{timm attention class: its subclass running the explicit path with `attn_quant` on the matmul operands}.
     Built on first use so that timm stays an optional import."""
-    from timm.layers import Attention
+    from timm.layers import Attention, apply_rot_embed_cat
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.eva import EvaAttention
     from timm.models.swin_transformer import WindowAttention
+
+    def self_attn_mask(n, q, attn_mask, is_causal):
+        """The additive mask of timm's explicit path (timm.layers.attention.resolve_self_attn_mask: a causal mask
+        takes precedence over attn_mask; a bool mask keeps the True positions)."""
+        if is_causal:
+            return torch.full((n, n), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            return torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+        return attn_mask
+
+    def qkv_heads(attn, x):
+        """q, k, v (B, H, N, D) from the fused qkv, with BEiT/EVA's q/v biases added after it (see plan.py)."""
+        B, N, _ = x.shape
+        qkv = attn.qkv(x)
+        if getattr(attn, "q_bias", None) is not None:
+            qkv = qkv + torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        return qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     class CompressedTimmAttention(_FromTimm, Attention):
         """timm's Attention (ViT, DeiT)."""
@@ -167,13 +186,7 @@ def _timm_compressed_classes() -> dict[type, type]:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-            mask = None
-            if is_causal:
-                mask = torch.full((N, N), float("-inf"), device=x.device, dtype=q.dtype).triu(1)
-            if attn_mask is not None:
-                am = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(
-                    attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
-                mask = am if mask is None else mask + am
+            mask = self_attn_mask(N, q, attn_mask, is_causal)
             x, _ = attention_core(q, k, v, mask, self.scale, self.attn_drop.p, self.training, self.attn_quant)
             x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
             x = self.norm(x)
@@ -197,11 +210,49 @@ def _timm_compressed_classes() -> dict[type, type]:
             x = x.transpose(1, 2).reshape(B_, N, -1)
             return self.proj_drop(self.proj(x))
 
-    return {Attention: CompressedTimmAttention, WindowAttention: CompressedWindowAttention}
+    class CompressedBeitAttention(_FromTimm, BeitAttention):
+        """timm's BEiT Attention: q/v biases, relative position bias (its own and/or the model's shared one)."""
+
+        def forward(self, x, shared_rel_pos_bias=None):
+            B, N, _ = x.shape
+            q, k, v = qkv_heads(self, x)
+            bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+            if shared_rel_pos_bias is not None:
+                bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+            x, _ = attention_core(q, k, v, bias, self.scale, self.attn_drop.p, self.training, self.attn_quant)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+    class CompressedEvaAttention(_FromTimm, EvaAttention):
+        """timm's EVA attention: fused or separate q/k/v, q/v biases, q/k norms, rotary embedding after the prefix
+        tokens, optional gate."""
+
+        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            if self.qkv is not None:
+                q, k, v = qkv_heads(self, x)
+            else:
+                q, k, v = (p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                           for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+                q, k = (torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2)
+                        .type_as(v) for t in (q, k))
+            x, _ = attention_core(q, k, v, self_attn_mask(N, q, attn_mask, is_causal), self.scale, self.attn_drop.p,
+                                  self.training, self.attn_quant)
+            x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    return {Attention: CompressedTimmAttention, WindowAttention: CompressedWindowAttention,
+            BeitAttention: CompressedBeitAttention, EvaAttention: CompressedEvaAttention}
 
 
 def is_timm_attention(module: nn.Module) -> bool:
-    """One of the timm attention classes the compressed attention covers (Attention, Swin's WindowAttention)."""
+    """One of the timm attention classes the compressed attention covers: Attention (ViT, DeiT, ...), Swin's
+    WindowAttention, BEiT's Attention, EvaAttention."""
     return type(module) in _timm_classes()
 
 

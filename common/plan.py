@@ -22,7 +22,8 @@ class Plan:
     attention: list[str] = field(default_factory=list)                  # modules whose matmul operands get quantized
     unsupported: list[tuple[str, str]] = field(default_factory=list)    # (module, class): attention prepare refuses
     # timm attention with q/v biases (BEiT, EVA, Swin-V2) computes F.linear(x, qkv.weight, bias) itself, past the
-    # compressed qkv; prepare sets their qkv_bias_separate (qkv(x) + bias: the same sum) so that qkv runs
+    # compressed qkv; prepare sets their qkv_bias_separate (qkv(x) + bias: the same sum) so that qkv runs where
+    # timm's forward stays (quantize_attention: false, or Swin-V2)
     separate_qkv_bias: list[str] = field(default_factory=list)
     indivisible: list[str] = field(default_factory=list)  # linears kept whole: input dim not a multiple of M
     recipe: Recipe | None = None
@@ -36,11 +37,11 @@ class Plan:
             other = [f"{n} ({cls})" for n, cls in self.unsupported]
             return (f"{len(other)} attention modules are of a kind the compressed attention does not cover, e.g. "
                     f"{', '.join(other[:2])}; it covers Hugging Face models that call the attention interface "
-                    "(transformers 5.x), timm's Attention (ViT, DeiT) and Swin's WindowAttention. Set "
+                    "(transformers 5.x) and timm's Attention (ViT, DeiT), Swin, BEiT and EVA attention. Set "
                     "quantize_attention: false to compress the linears only")
         if not self.attention:
             return ("quantize_attention=True but the model has no supported attention module (Hugging Face "
-                    "AttentionInterface models, timm Attention or WindowAttention); set it to false")
+                    "AttentionInterface models; timm's ViT, Swin, BEiT or EVA attention); set it to false")
         return None
 
     def summary(self) -> dict:

@@ -73,11 +73,28 @@ def _build(name):
         m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
                               window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10)
         return m, torch.randn(2, 3, 32, 32), 17, {"head.fc"}  # 2 stages x 2 blocks x 4, + the merging reduction
+    if name in ("beit", "eva02"):  # q/v biases, own + shared relative position bias (BEiT); RoPE, SwiGLU (EVA-02)
+        import timm
+        kw = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=True) if name == "beit" else {}
+        m = timm.create_model({"beit": "beit_base_patch16_224", "eva02": "eva02_tiny_patch14_224"}[name],
+                              pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                              num_classes=10, **kw)
+        with torch.no_grad():  # biases are zero and scores ~0 at init, which would hide a bias or RoPE left out
+            for n, p in m.named_parameters():
+                if n.endswith(("q_bias", "v_bias", "relative_position_bias_table")):
+                    p.normal_()
+            for blk in m.blocks:
+                blk.attn.qkv.weight.mul_(20)
+        # BEiT: qkv, proj, fc1, fc2 per block; EVA-02: qkv, proj, its SwiGLU's fused fc1 (fc2 takes 85 inputs: FP)
+        return m, torch.randn(2, 3, 32, 32), 8 if name == "beit" else 6, {"head"}
     raise KeyError(name)
 
 
-ARCHS = ["distilbert", "roberta", "gpt2", "llama", "gemma2", "t5", "bart", "whisper", "deit_distilled", "swin"]
-HF_ARCHS = [a for a in ARCHS if a not in ("deit_distilled", "swin")]
+TIMM_ARCHS = ["deit_distilled", "swin", "beit", "eva02"]
+ARCHS = ["distilbert", "roberta", "gpt2", "llama", "gemma2", "t5", "bart", "whisper"] + TIMM_ARCHS
+HF_ARCHS = [a for a in ARCHS if a not in TIMM_ARCHS]
+# EVA-02's and Swin-V2's narrow linears stay full precision with a warning (tested where it is the point)
+pytestmark = pytest.mark.filterwarnings(r"ignore:prepare. \d+ linears stay full precision")
 
 
 def _run(model, batch):
@@ -149,13 +166,33 @@ def test_export_and_reload_bit_exactly(name, tmp_path, eager_quantizers):
     with torch.no_grad():
         ref = _run(model, batch)
     export_model(model, tmp_path / "m.c16.safetensors", dtype=torch.float32)
-    timm_model = name in ("deit_distilled", "swin")
+    timm_model = name in TIMM_ARCHS
     back = load_compressed(tmp_path / "m.c16.safetensors", model=_build(name)[0] if timm_model else None)
     with torch.no_grad():
         assert torch.equal(_run(back, batch), ref)
 
 
-@pytest.mark.parametrize("name", ["deberta_v2", "beit"])
+@pytest.mark.parametrize("name", ["swin", "beit", "eva02"])
+def test_timm_explicit_paths_equal_timms_own(name):
+    """Each compressed timm attention with no quantizers computes timm's own: Swin's shifted windows (its second
+    block), BEiT's relative position bias and q/v biases, EVA-02's rotary embedding."""
+    from common.attention import is_timm_attention, timm_compressed_attention
+    model, x, _, _ = _build(name)
+    model.eval()
+    ref = model.forward_features(x)  # the head's init is near zero: its output would hide differences
+    swapped = 0
+    for n, m in list(model.named_modules()):
+        if is_timm_attention(m):
+            parent, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(parent), attr, timm_compressed_attention(m, None))
+            swapped += 1
+    assert swapped == (4 if name == "swin" else 2)
+    if name == "swin":
+        assert model.layers[0].blocks[1].attn_mask is not None  # the shifted block's mask is exercised
+    torch.testing.assert_close(model.forward_features(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deberta_v2", "swinv2"])
 def test_attention_of_an_unsupported_kind_is_an_error_that_names_it(name):
     import transformers as T
     if name == "deberta_v2":  # disentangled attention, not through the attention interface
@@ -163,9 +200,10 @@ def test_attention_of_an_unsupported_kind_is_an_error_that_names_it(name):
         want = r"deberta\.encoder\.layer\.0\.attention\.self \(.*DisentangledSelfAttention\)"
     else:
         import timm
-        build = lambda: timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                                          embed_dim=32, depth=2, num_heads=4, num_classes=10)
-        want = r"blocks\.0\.attn \(timm\.models\.beit\.Attention\)"
+        build = lambda: timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=32, patch_size=4,
+                                          window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                                          num_classes=10)
+        want = r"layers\.0\.blocks\.0\.attn \(timm\.models\.swin_transformer_v2\.WindowAttention\)"
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=want + r".*quantize_attention: false"):
@@ -233,21 +271,17 @@ def test_describe_names_what_it_cannot_cover_and_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["beit", "eva02"])
 def test_timm_qv_bias_attention_runs_its_compressed_qkv(name, eager_quantizers):
-    """BEiT / EVA compute F.linear(x, qkv.weight, q/v bias) themselves; prepare makes them add the bias after qkv,
-    so the compressed qkv runs (its input quantizer sees data) and, with compression off, nothing changes."""
-    import timm
-    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10)
-    model = timm.create_model({"beit": "beit_base_patch16_224", "eva02": "eva02_tiny_patch14_224"}[name],
-                              pretrained=False, **kw).eval()
+    """With its attention left as timm's (quantize_attention: false), BEiT / EVA compute F.linear(x, qkv.weight,
+    q/v bias) themselves; prepare makes them add the bias after qkv, so the compressed qkv runs (its input quantizer
+    sees data) and, with compression off, nothing changes."""
+    model, x, _, _ = _build(name)
+    model.eval()
     assert model.blocks[0].attn.q_bias is not None and not model.blocks[0].attn.qkv_bias_separate
-    with torch.no_grad():
-        model.blocks[0].attn.q_bias.normal_()  # zero at init, which would hide a bias left out
-    x = torch.randn(2, 3, 32, 32)
-    ref = model(x)
+    ref = model.forward_features(x)
     off = common.prepare(copy.deepcopy(model), common.Recipe(w_bits=32, a_bits=32, sparsity=None,
                                                              quantize_attention=False))
     assert off.blocks[0].attn.qkv_bias_separate
-    torch.testing.assert_close(off(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off.forward_features(x), ref, atol=1e-5, rtol=1e-5)
     if name == "eva02":  # its SwiGLU's fc2 takes 85 inputs: no 2:4 groups, so it stays whole, with a warning
         with pytest.warns(UserWarning, match=r"2 linears stay full precision.*blocks\.0\.mlp\.fc2"):
             on = common.prepare(copy.deepcopy(model), common.Recipe(quantize_attention=False))
