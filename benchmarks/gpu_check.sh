@@ -15,7 +15,8 @@ nothing to check (python benchmarks/bench_gpu.py --smoke runs the benchmark code
 mkdir -p "$OUT"
 rc=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_common_kernels.py tests/test_common_models.py \
-    tests/test_common_sparsity.py tests/test_export.py tests/test_bench_gpu.py -k "cuda or gpu" \
+    tests/test_common_architectures.py tests/test_common_sparsity.py tests/test_export.py tests/test_bench_gpu.py \
+    -k "cuda or gpu" \
     2>&1 | tee "$OUT/gpu_tests.log" || rc=1
 "$PY" benchmarks/bench_gpu.py --json "$OUT/benchmarks_gpu.jsonl" 2>&1 | tee "$OUT/bench_gpu.log" || rc=1
 echo "gpu_check.sh: exit $rc; logs and records in $OUT"

@@ -102,10 +102,15 @@ def _run(model, batch):
     return common.logits_of(out)[0]
 
 
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+
+
 @pytest.mark.parametrize("name", ARCHS)
-def test_prepare_compresses_the_backbone_and_quantizes_every_attention(name, eager_quantizers):
+def test_prepare_compresses_the_backbone_and_quantizes_every_attention(name, device, eager_quantizers):
     model, batch, n_backbone, heads = _build(name)
-    common.prepare(model, common.Recipe())
+    common.prepare(model, common.Recipe()).to(device)
+    batch = _to(batch, device)
     lin = common.compressed_linears(model)
     assert len(lin) == n_backbone, sorted(lin)
     kept = {n for n, m in model.named_modules() if type(m) is nn.Linear}
