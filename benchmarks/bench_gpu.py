@@ -113,8 +113,9 @@ def linear_record(dtype: str, backend: str, layer: str, out_f: int, in_f: int, d
     return r
 
 
-def train_record(kind: str, args, gpu_name: str, step_s: dict, peak_mib: dict, compile_s: float | None) -> dict:
+def train_record(kind: str, args, step_s: dict, peak_mib: dict, compile_s: float | None) -> dict:
     """A train result in bench_train_step's record shape (benchmarks/report.py reads it), plus the GPU fields."""
+    gpu_name = args.gpu_name
     return {"part": "train", "model": kind, **args.train[kind], "iters": args.train_iters, "warmup": args.train_warmup,
             # "cpu" is the hardware field benchmarks/report.py prints: here it names the GPU
             "cpu": f"GPU {gpu_name} (host CPU {cpu_model()})", "device": gpu_name,
@@ -419,7 +420,7 @@ def part_train(args, rec) -> None:
         step_s = time_steps(ns, base, batch, args.train_warmup, args.train_iters)
         # peak memory from CUDA's allocator only (bench_train_step measures the CPU's)
         peaks = {n: peak_mib(ns, n, base, batch) for n in bts.VARIANTS} if dev.type == "cuda" else {}
-        rec(train_record(kind, args, args.gpu_name, step_s, peaks, compile_s))
+        rec(train_record(kind, args, step_s, peaks, compile_s))
         del base, batch
         release(dev)
 

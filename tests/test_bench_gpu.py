@@ -104,7 +104,7 @@ def _synthetic():
     recs = [{**r, **_meta("2027-01-02T00:00:00+00:00")} for r in recs]
     old = {**recs[0], **_meta("2027-01-01T00:00:00+00:00"), "dense_ms": 9.8765}  # an older run: replaced
     err = {"part": "e2e", "error": "RuntimeError: boom | `x`", **_meta("2027-01-02T00:00:00+00:00")}
-    train = {**bench_gpu.train_record("bert", _args(), "NVIDIA H200",
+    train = {**bench_gpu.train_record("bert", _args(gpu_name="NVIDIA H200"),
                                       {"fp": 0.05, "w4a4": 0.054, "w4a4_2:4": 0.0545, "w4a4_2:4_kd": 0.07},
                                       {"fp": 1000.0, "w4a4": 1100.0, "w4a4_2:4": 1150.0, "w4a4_2:4_kd": 1600.0}, 12.0),
              **_meta("2027-01-02T00:00:00+00:00")}
