@@ -297,3 +297,21 @@ def test_timm_qv_bias_attention_runs_its_compressed_qkv(name, eager_quantizers):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="calibrate")
         common.calibrate(on, [x])
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_bf16_autocast_training_step(name, device, eager_quantizers):
+    """Mixed precision (Trainer's bf16=true) through each architecture's compressed attention and linears: finite
+    loss and gradients, and every attention quantizer's clip gets one."""
+    model, batch, _, _ = _build(name)
+    common.prepare(model, common.Recipe()).to(device)
+    batch = _to(batch, device)
+    common.calibrate(model, [batch])
+    model.train()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = _run(model, batch)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    attn = [m for m in model.modules() if isinstance(m, common.AttentionQuantizers)]
+    assert attn and all(a.q.hi.grad is not None and a.p.hi.grad is not None for a in attn)
