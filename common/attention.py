@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 
 import torch
@@ -60,16 +61,25 @@ def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants:
 
 
 # -- Hugging Face ---------------------------------------------------------------------------------------------
+# keyword arguments some models pass to the attention function that change its result beyond what is implemented
+UNSUPPORTED_KWARGS = ("sinks", "s_aux", "indices", "block_indices")
+
+
 def hf_compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             position_bias=None, softcap=None, **kwargs):
     """AttentionInterface function: eager attention whose operands are fake-quantized by `module.attn_quant`.
 
     It takes what the models' own eager functions take (transformers 5.x): `position_bias` (T5 family: added to the
-    scores), `softcap` (Gemma-2 family), grouped-query K/V heads. Attention sinks (gpt-oss) change the softmax
-    itself and are refused rather than silently dropped."""
-    if kwargs.get("sinks") is not None or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise NotImplementedError(f"{type(module).__name__}: attention sinks are not supported by the compressed "
-                                  "attention; prepare with quantize_attention=False to compress the linears only")
+    scores), `softcap` (Gemma-2 family), grouped-query K/V heads. What would change the result and has no eager
+    equivalent here is refused rather than silently dropped: attention sinks (gpt-oss) and the token indices that
+    sparse-attention models (DeepSeek-V3.2 and kin) hand to kernels other than "eager"/"sdpa"."""
+    refused = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if getattr(module, "sinks", None) is not None:
+        refused.append("sinks (module attribute)")
+    if refused:
+        raise NotImplementedError(f"{type(module).__name__}: the compressed attention does not support {refused} "
+                                  "(attention sinks, sparse-attention indices); prepare with "
+                                  "quantize_attention=False to compress the linears only")
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat K/V heads as the eager path does
@@ -124,13 +134,14 @@ def _calls_attention_interface(cls: type) -> bool:
 
 
 def unsupported_attention(model: nn.Module, supported) -> list[tuple[str, str]]:
-    """(name, class) of attention-like modules (class name containing "Attention", holding their own Q/K/V or output
-    projection) that `supported(module)` rejects: their matmuls would stay unquantized, so prepare reports them."""
+    """(name, class) of attention-like modules (class name containing "Attention" or "Attn", holding their own
+    Q/K/V or output projection) that `supported(module)` rejects: their matmuls would stay unquantized, so prepare
+    reports them."""
     out = []
     for name, mod in model.named_modules():
-        if "Attention" not in type(mod).__name__ or supported(mod):
+        if not re.search("Attention|Attn", type(mod).__name__) or supported(mod):
             continue
-        if any(as_linear(c) is not None for c in mod.children()):
+        if any(isinstance(c, nn.Linear) or as_linear(c) is not None for c in mod.children()):
             out.append((name, f"{type(mod).__module__}.{type(mod).__name__}"))
     return out
 

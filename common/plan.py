@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .attention import is_hf_attention, is_timm_attention, unsupported_attention
-from .linear import as_linear
+from .linear import CompressedLinear, as_linear
 from .recipe import Recipe
 
 
@@ -104,13 +104,18 @@ def prepare_plan(model: nn.Module, recipe: Recipe) -> Plan:
     heads = output_heads(model) if recipe.keep_output_embeddings else set()
     for name, mod in model.named_modules():
         lin = as_linear(mod)
-        if lin is None:
+        # other nn.Linear subclasses (Falcon's FalconLinear, nn.MultiheadAttention's out_proj) are listed, not taken:
+        # their forward, or their owner's use of their weight, may differ from a linear's
+        subclass = lin is None and isinstance(mod, nn.Linear) and not isinstance(mod, CompressedLinear)
+        if lin is None and not subclass:
             continue
         hit = next((m for pat in recipe.skip if (m := re.search(pat, name))), None)
         if hit is not None:
             p.keep[name] = f"skip: matches {hit.group(0).strip('.')!r}"
         elif name in heads:
             p.keep[name] = "output embeddings"
+        elif subclass:
+            p.keep[name] = f"{type(mod).__name__}, a subclass of nn.Linear: not swapped"
         elif recipe.nm and lin.in_features % recipe.nm[1]:  # choice: keep it whole rather than refuse the model
             p.keep[name] = f"input dim {lin.in_features} is not a multiple of {recipe.nm[1]} ({recipe.sparsity})"
             p.indivisible.append(name)

@@ -14,12 +14,13 @@ ACT_QUANTIZERS = ("pact", "pact+", "minmax")
 # Full precision by default (paper: only the transformer *backbone* is compressed). Our choice of what counts as
 # backbone: embeddings, pooler, task heads (with their submodules, e.g. RoBERTa's classifier.dense), the wav2vec2
 # conv feature encoder, its feature projection and positional conv embedding, and timm's patch embedding and heads
-# stay full precision. Regexes matched against module names (see also keep_output_embeddings).
+# (the attention-pooling head attn_pool too) stay full precision. Regexes matched against module names (see also
+# keep_output_embeddings).
 DEFAULT_SKIP = [
     r"(^|\.)embeddings(\.|$)",
     r"(^|\.)pooler(\.|$)",
     r"(^|\.)(qa_outputs|classifier|pre_classifier|classification_head|score|lm_head|cls|vocab_transform|"
-    r"vocab_projector|head|head_dist|fc_norm|project_hid|project_q|quantizer)(\.|$)",
+    r"vocab_projector|head|head_dist|attn_pool|fc_norm|project_hid|project_q|quantizer)(\.|$)",
     r"(^|\.)(feature_extractor|feature_projection|pos_conv_embed|patch_embed|masked_spec_embed)(\.|$)",
 ]
 

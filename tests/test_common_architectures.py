@@ -220,13 +220,18 @@ def test_attention_of_an_unsupported_kind_is_an_error_that_names_it(name):
     assert not any(isinstance(m, common.AttentionQuantizers) for m in model.modules())
 
 
-def test_attention_sinks_are_refused_not_dropped():
+def test_sinks_and_sparse_indices_are_refused_not_dropped():
     from common.attention import hf_compressed_attention
-    module = nn.Module()
-    module.sinks = nn.Parameter(torch.zeros(4))
     q = torch.randn(1, 4, 3, 8)
-    with pytest.raises(NotImplementedError, match="attention sinks"):
+    module = nn.Module()
+    module.sinks = nn.Parameter(torch.zeros(4))  # gpt-oss keeps them on the module
+    with pytest.raises(NotImplementedError, match=r"sinks \(module attribute\)"):
         hf_compressed_attention(module, q, q, q, None)
+    plain = nn.Module()
+    for kw in ("sinks", "s_aux", "indices", "block_indices"):
+        with pytest.raises(NotImplementedError, match=f"'{kw}'"):
+            hf_compressed_attention(plain, q, q, q, None, **{kw: torch.zeros(1, dtype=torch.int32)})
+    assert hf_compressed_attention(plain, q, q, q, None, indices=None)[0].shape == (1, 3, 4, 8)  # None: no effect
 
 
 def test_output_embeddings_stay_full_precision_unless_asked():
@@ -315,3 +320,58 @@ def test_bf16_autocast_training_step(name, device, eager_quantizers):
     assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     attn = [m for m in model.modules() if isinstance(m, common.AttentionQuantizers)]
     assert attn and all(a.q.hi.grad is not None and a.p.hi.grad is not None for a in attn)
+
+
+def test_linear_subclasses_are_listed_not_swapped():
+    """nn.MultiheadAttention multiplies its out_proj's weight itself: swapping that NonDynamicallyQuantizableLinear
+    would be bypassed, so it is kept, and said so; a plain nn.Linear beside it is compressed."""
+    model = nn.ModuleDict({"mha": nn.MultiheadAttention(16, 2), "fc": nn.Linear(16, 16)})
+    plan = common.prepare_plan(model, common.Recipe(quantize_attention=False))
+    assert list(plan.compress) == ["fc"]
+    assert plan.keep == {"mha.out_proj": "NonDynamicallyQuantizableLinear, a subclass of nn.Linear: not swapped"}
+    with pytest.raises(ValueError, match=r"mha \(torch\.nn\.modules\.activation\.MultiheadAttention\)"):
+        common.prepare(model, common.Recipe())  # torch's own attention is not covered: named, not skipped
+
+
+# What prepare would do to full-size models from their default configs (built on the meta device: no weights, a
+# few seconds for all): accepted, or refused with the attention classes it names ("" = no attention it knows of).
+HF_PLANS = {"accepted": ["bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mobilebert", "layoutlm",
+                         "modernbert", "gpt2", "gpt_neox", "opt", "llama", "mistral", "mixtral", "qwen2", "qwen3",
+                         "phi", "phi3", "gemma", "gemma2", "gemma3_text", "t5", "mt5", "bart", "mbart", "pegasus",
+                         "marian", "whisper", "wav2vec2", "hubert", "wav2vec2-conformer", "sew", "data2vec-audio",
+                         "vit", "deit", "swin", "dinov2", "vit_mae", "clip_vision_model", "siglip_vision_model",
+                         "beit", "segformer", "yolos"],
+            "refused": {"mpnet": "MPNetSelfAttention", "deberta-v2": "DisentangledSelfAttention",
+                        "longformer": "LongformerSelfAttention", "big_bird": "BigBirdBlockSparseAttention",
+                        "convbert": "ConvBertSelfAttention", "gptj": "GPTJAttention", "bloom": "BloomAttention",
+                        "falcon": "FalconAttention", "wavlm": "WavLMAttention", "swinv2": "Swinv2SelfAttention",
+                        "mobilevit": "MobileViTSelfAttention", "xlnet": "", "convnext": ""}}
+TIMM_PLANS = {"accepted": ["vit_base_patch16_224", "vit_base_patch16_siglip_224", "vit_base_patch16_clip_224",
+                           "vit_small_patch14_dinov2", "vit_base_patch16_reg4_gap_256", "deit3_base_patch16_224",
+                           "deit_base_distilled_patch16_224", "swin_base_patch4_window7_224", "beitv2_base_patch16_224",
+                           "eva02_base_patch14_224", "flexivit_small"],
+              "refused": {"cait_s24_224": "ClassAttn TalkingHeadAttn", "swinv2_tiny_window8_256": "WindowAttention",
+                          "vit_base_patch16_rope_224": "AttentionRope", "crossvit_small_240": "CrossAttention",
+                          "maxvit_tiny_tf_224": "AttentionCl", "convit_base": "", "convnext_tiny": ""}}
+
+
+def _meta_plan(source, name):
+    from common.describe import build_on_meta
+    if source == "hf":
+        import transformers
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name))
+    else:
+        model = build_on_meta(timm_name=name)
+    return common.prepare_plan(model, common.Recipe())
+
+
+@pytest.mark.parametrize("source,plans", [("hf", HF_PLANS), ("timm", TIMM_PLANS)])
+def test_which_full_size_models_prepare_accepts(source, plans):
+    for name in plans["accepted"]:
+        plan = _meta_plan(source, name)
+        assert plan.error() is None and plan.attention and len(plan.compress) >= 4, name  # ALBERT shares 1 layer
+    for name, cls in plans["refused"].items():
+        plan = _meta_plan(source, name)
+        assert plan.error() is not None, name
+        assert {c.rsplit(".", 1)[1] for _, c in plan.unsupported} == set(cls.split()), name
