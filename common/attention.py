@@ -3,8 +3,8 @@
 Hugging Face transformers 5.x models call a registered attention function (`AttentionInterface`); we register
 "compressed" and switch the model to it, so no model code is patched. The quantizers live on each attention module
 (`module.attn_quant`), where the function finds them. timm: its `Attention` (ViT, DeiT), Swin's `WindowAttention`,
-BEiT's and EVA's attention are swapped for subclasses that run timm's explicit (non-fused) path with the quantizers in
-it; parameter names are unchanged.
+BEiT's, EVA's and ViT-RoPE's attention are swapped for subclasses that run timm's explicit (non-fused) path with the
+quantizers in it; parameter names are unchanged.
 """
 from __future__ import annotations
 
@@ -167,6 +167,7 @@ def _timm_compressed_classes() -> dict[type, type]:
     """{timm attention class: its subclass running the explicit path with `attn_quant` on the matmul operands}.
     Built on first use so that timm stays an optional import."""
     from timm.layers import Attention, apply_rot_embed_cat
+    from timm.layers.attention import AttentionRope
     from timm.models.beit import Attention as BeitAttention
     from timm.models.eva import EvaAttention
     from timm.models.swin_transformer import WindowAttention
@@ -233,37 +234,42 @@ def _timm_compressed_classes() -> dict[type, type]:
             x, _ = attention_core(q, k, v, bias, self.scale, self.attn_drop.p, self.training, self.attn_quant)
             return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
-    class CompressedEvaAttention(_FromTimm, EvaAttention):
-        """timm's EVA attention: fused or separate q/k/v, q/v biases, q/k norms, rotary embedding after the prefix
-        tokens, optional gate."""
+    def rope_forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        """EVA's and timm's AttentionRope: fused or separate q/k/v (grouped K/V heads), q/v biases (EVA), q/k norms,
+        rotary embedding after the prefix tokens, optional gate."""
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            q, k, v = qkv_heads(self, x)
+        else:
+            q, k, v = (p(x).reshape(B, N, -1, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q, k = (torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2)
+                    .type_as(v) for t in (q, k))
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:  # after norm and rope, as timm does
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        x, _ = attention_core(q, k, v, self_attn_mask(N, q, attn_mask, is_causal), self.scale, self.attn_drop.p,
+                              self.training, self.attn_quant)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
 
-        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-            B, N, _ = x.shape
-            gate = self.gate(x).sigmoid() if self.gate is not None else None
-            if self.qkv is not None:
-                q, k, v = qkv_heads(self, x)
-            else:
-                q, k, v = (p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-                           for p in (self.q_proj, self.k_proj, self.v_proj))
-            q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
-                q, k = (torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2)
-                        .type_as(v) for t in (q, k))
-            x, _ = attention_core(q, k, v, self_attn_mask(N, q, attn_mask, is_causal), self.scale, self.attn_drop.p,
-                                  self.training, self.attn_quant)
-            x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
-            if gate is not None:
-                x = x * gate
-            return self.proj_drop(self.proj(x))
+    CompressedEvaAttention = type("CompressedEvaAttention", (_FromTimm, EvaAttention), {"forward": rope_forward})
+    CompressedAttentionRope = type("CompressedAttentionRope", (_FromTimm, AttentionRope), {"forward": rope_forward})
 
     return {Attention: CompressedTimmAttention, WindowAttention: CompressedWindowAttention,
-            BeitAttention: CompressedBeitAttention, EvaAttention: CompressedEvaAttention}
+            BeitAttention: CompressedBeitAttention, EvaAttention: CompressedEvaAttention,
+            AttentionRope: CompressedAttentionRope}
 
 
 def is_timm_attention(module: nn.Module) -> bool:
     """One of the timm attention classes the compressed attention covers: Attention (ViT, DeiT, ...), Swin's
-    WindowAttention, BEiT's Attention, EvaAttention."""
+    WindowAttention, BEiT's Attention, EvaAttention, AttentionRope (ViT-RoPE)."""
     return type(module) in _timm_classes()
 
 

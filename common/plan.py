@@ -37,11 +37,12 @@ class Plan:
             other = [f"{n} ({cls})" for n, cls in self.unsupported]
             return (f"{len(other)} attention modules are of a kind the compressed attention does not cover, e.g. "
                     f"{', '.join(other[:2])}; it covers Hugging Face models that call the attention interface "
-                    "(transformers 5.x) and timm's Attention (ViT, DeiT), Swin, BEiT and EVA attention. Set "
-                    "quantize_attention: false to compress the linears only")
+                    "(transformers 5.x) and timm's Attention (ViT, DeiT), Swin, BEiT, EVA and ViT-RoPE attention. "
+                    "Set quantize_attention: false to compress the linears only")
         if not self.attention:
             return ("quantize_attention=True but the model has no supported attention module (Hugging Face "
-                    "AttentionInterface models; timm's ViT, Swin, BEiT or EVA attention); set it to false")
+                    "AttentionInterface models; timm's ViT, Swin, BEiT, EVA or ViT-RoPE attention); set it to "
+                    "false")
         return None
 
     def summary(self) -> dict:

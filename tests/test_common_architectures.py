@@ -87,10 +87,18 @@ def _build(name):
                 blk.attn.qkv.weight.mul_(20)
         # BEiT: qkv, proj, fc1, fc2 per block; EVA-02: qkv, proj, its SwiGLU's fused fc1 (fc2 takes 85 inputs: FP)
         return m, torch.randn(2, 3, 32, 32), 8 if name == "beit" else 6, {"head"}
+    if name == "vit_rope":  # timm AttentionRope: rotary embedding on the patch tokens
+        import timm
+        m = timm.create_model("vit_base_patch16_rope_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4, num_classes=10)
+        with torch.no_grad():  # scores ~0 at init would hide RoPE left out
+            for blk in m.blocks:
+                blk.attn.qkv.weight.mul_(20)
+        return m, torch.randn(2, 3, 32, 32), 8, {"head"}
     raise KeyError(name)
 
 
-TIMM_ARCHS = ["deit_distilled", "swin", "beit", "eva02"]
+TIMM_ARCHS = ["deit_distilled", "swin", "beit", "eva02", "vit_rope"]
 ARCHS = ["distilbert", "roberta", "gpt2", "llama", "gemma2", "t5", "bart", "whisper"] + TIMM_ARCHS
 HF_ARCHS = [a for a in ARCHS if a not in TIMM_ARCHS]
 # EVA-02's and Swin-V2's narrow linears stay full precision with a warning (tested where it is the point)
@@ -177,10 +185,10 @@ def test_export_and_reload_bit_exactly(name, tmp_path, eager_quantizers):
         assert torch.equal(_run(back, batch), ref)
 
 
-@pytest.mark.parametrize("name", ["swin", "beit", "eva02"])
+@pytest.mark.parametrize("name", ["swin", "beit", "eva02", "vit_rope"])
 def test_timm_explicit_paths_equal_timms_own(name):
     """Each compressed timm attention with no quantizers computes timm's own: Swin's shifted windows (its second
-    block), BEiT's relative position bias and q/v biases, EVA-02's rotary embedding."""
+    block), BEiT's relative position bias and q/v biases, EVA-02's and ViT-RoPE's rotary embedding."""
     from common.attention import is_timm_attention, timm_compressed_attention
     model, x, _, _ = _build(name)
     model.eval()
@@ -349,9 +357,9 @@ HF_PLANS = {"accepted": ["bert", "roberta", "xlm-roberta", "distilbert", "albert
 TIMM_PLANS = {"accepted": ["vit_base_patch16_224", "vit_base_patch16_siglip_224", "vit_base_patch16_clip_224",
                            "vit_small_patch14_dinov2", "vit_base_patch16_reg4_gap_256", "deit3_base_patch16_224",
                            "deit_base_distilled_patch16_224", "swin_base_patch4_window7_224", "beitv2_base_patch16_224",
-                           "eva02_base_patch14_224", "flexivit_small"],
+                           "eva02_base_patch14_224", "flexivit_small", "vit_base_patch16_rope_224"],
               "refused": {"cait_s24_224": "ClassAttn TalkingHeadAttn", "swinv2_tiny_window8_256": "WindowAttention",
-                          "vit_base_patch16_rope_224": "AttentionRope", "crossvit_small_240": "CrossAttention",
+                          "crossvit_small_240": "CrossAttention",
                           "maxvit_tiny_tf_224": "AttentionCl", "convit_base": "", "convnext_tiny": ""}}
 
 
