@@ -602,7 +602,6 @@ class SemiStructuredLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-@torch.no_grad()
 def semi_structured_skip_reason(m: FrozenCompressedLinear, sparse_cls=None, dtype=torch.float16) -> str | None:
     """Why to_semi_structured leaves the frozen layer `m` as it is, or None if it converts it. Without `sparse_cls`
     (a torch.sparse.SparseSemiStructuredTensor subclass) only the layer itself counts (a 2:4 mask, a weight grid
@@ -623,6 +622,7 @@ def semi_structured_skip_reason(m: FrozenCompressedLinear, sparse_cls=None, dtyp
     return None
 
 
+@torch.no_grad()
 def to_semi_structured(model: nn.Module, dtype=torch.float16, backend: str = "auto") -> dict:
     """Swap the converted model's 2:4 linears for SemiStructuredLinear (torch.sparse.to_sparse_semi_structured
     layouts) for inference on GPUs with sparse tensor cores (Ampere and newer), in place. The model must be on a
