@@ -120,16 +120,23 @@ def use_hf_compressed_attention(model: nn.Module) -> bool:
 
 def is_hf_attention(module: nn.Module) -> bool:
     """A transformers attention module whose forward calls the registered attention function (5.x models look it
-    up in ALL_ATTENTION_FUNCTIONS), so the "compressed" function will see its Q, K, V."""
-    return hasattr(module, "config") and _calls_attention_interface(type(module))
+    up in ALL_ATTENTION_FUNCTIONS), so the "compressed" function will see its Q, K, V. Where the source cannot be
+    read (a compiled or zipped install), modules holding query/key/value or q_proj/k_proj/v_proj linears count."""
+    if not hasattr(module, "config"):
+        return False
+    calls = _calls_attention_interface(type(module))
+    if calls is not None:
+        return calls
+    return any(all(isinstance(getattr(module, n, None), nn.Linear) for n in trio)
+               for trio in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")))
 
 
 @functools.cache
-def _calls_attention_interface(cls: type) -> bool:
+def _calls_attention_interface(cls: type) -> bool | None:
     try:
         src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):  # no source (compiled, or defined in a REPL)
-        return False
+    except (OSError, TypeError):  # no source to read
+        return None
     return "ALL_ATTENTION_FUNCTIONS" in src
 
 

@@ -383,3 +383,21 @@ def test_which_full_size_models_prepare_accepts(source, plans):
         plan = _meta_plan(source, name)
         assert plan.error() is not None, name
         assert {c.rsplit(".", 1)[1] for _, c in plan.unsupported} == set(cls.split()), name
+
+
+def test_hf_attention_without_readable_source_falls_back_to_projection_names(monkeypatch):
+    import inspect
+    from common import attention
+    model, _, _, _ = _build("llama")
+    attn = model.model.layers[0].self_attn
+    assert attention.is_hf_attention(attn)
+    attention._calls_attention_interface.cache_clear()
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    try:
+        assert attention.is_hf_attention(attn)  # q_proj / k_proj / v_proj
+        assert not attention.is_hf_attention(model.model.layers[0].mlp)
+    finally:
+        attention._calls_attention_interface.cache_clear()
