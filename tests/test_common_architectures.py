@@ -2,6 +2,7 @@
 downloads), one per attention / linear flavour the library has to get right."""
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -401,3 +402,41 @@ def test_hf_attention_without_readable_source_falls_back_to_projection_names(mon
         assert not attention.is_hf_attention(model.model.layers[0].mlp)
     finally:
         attention._calls_attention_interface.cache_clear()
+
+
+def test_compression_trainer_on_a_causal_lm(tmp_path, eager_quantizers):
+    """The HF Trainer path on a model unlike the paper's: GPT-2 (Conv1D, causal LM) fine-tuned a few steps with
+    CompressionTrainer's distillation and the scheduled-dropout callback; padding left out of the KD term."""
+    from torch.utils.data import Dataset
+    from transformers import TrainingArguments
+    from common.hf import CompressionTrainer, ScheduledDropoutCallback
+
+    class Tokens(Dataset):
+        def __init__(self):
+            self.rows = [_text(b=1) for _ in range(8)]
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            r = {k: v[0] for k, v in self.rows[i].items()}
+            return {**r, "labels": r["input_ids"].masked_fill(r["attention_mask"] == 0, -100)}
+
+    model, _, _, _ = _build("gpt2")
+    teacher = copy.deepcopy(model)
+    common.prepare(model, common.Recipe())
+    common.calibrate(model, [_text()])
+    masks = {n: m.mask.clone() for n, m in common.compressed_linears(model).items()}
+    clip = model.transformer.h[0].attn.attn_quant.q.hi
+    clip0 = clip.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
+                             report_to="none", save_strategy="no", use_cpu=True, logging_steps=1)
+    trainer = CompressionTrainer(model=model, args=args, train_dataset=Tokens(),
+                                 distiller=common.DistillationLoss(teacher, lam=0.5, temperature=2.0),
+                                 kd_mask_fn=lambda m, inputs, out: inputs["attention_mask"].bool(),
+                                 callbacks=[ScheduledDropoutCallback("linear")])
+    result = trainer.train()
+    assert result.global_step == 4 and math.isfinite(result.training_loss)
+    for n, m in common.compressed_linears(model).items():
+        assert torch.equal(m.mask, masks[n]) and m.weight[~m.mask].eq(0).all()
+    assert not torch.equal(clip.detach(), clip0)  # the attention's clips trained
