@@ -111,10 +111,21 @@ def register_hf_attention() -> None:
 
 def use_hf_compressed_attention(model: nn.Module) -> bool:
     """Switch a transformers model to the "compressed" attention function; False if it has no HF attention."""
-    if not (hasattr(model, "set_attn_implementation") and any(is_hf_attention(m) for m in model.modules())):
+    attention = [m for m in model.modules() if is_hf_attention(m)]
+    if not (hasattr(model, "set_attn_implementation") and attention):
         return False
     register_hf_attention()
     model.set_attn_implementation(ATTN_IMPL)
+    # transformers 5.17 does not pass the switch on to sub-models holding their own copy of a config of the same
+    # class (T5's encoder and decoder stacks): switch those too, and make sure no attention module was missed
+    for sub in model.modules():
+        if sub is not model and hasattr(sub, "set_attn_implementation") and \
+                getattr(sub.config, "_attn_implementation", ATTN_IMPL) != ATTN_IMPL:
+            sub.set_attn_implementation(ATTN_IMPL)
+    missed = sorted({type(m).__name__ for m in attention if m.config._attn_implementation != ATTN_IMPL})
+    if missed:
+        raise RuntimeError(f"the compressed attention could not be switched on for {missed}: their config still "
+                           "names another attention implementation")
     return True
 
 
