@@ -11,7 +11,7 @@ ISOLATE ?= 0
 SEEDS ?= 1
 PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
 
-.PHONY: test reproduce results venv clean-venv bench bench-gpu
+.PHONY: test reproduce results venv clean-venv bench bench-gpu gpu-check
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench: venv
 bench-gpu: venv
 	$(VPY) benchmarks/bench_gpu.py --json results/benchmarks_gpu.jsonl
 	$(VPY) benchmarks/report.py results/benchmarks.jsonl --out results/benchmarks.md
+
+# every GPU check in one go: the library's tests on the GPU, then bench_gpu.py (logs and records in results/gpu_check)
+gpu-check: venv
+	PY=$(VPY) bash benchmarks/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)
