@@ -213,8 +213,7 @@ def _timm_compressed_classes() -> dict[type, type]:
         def forward(self, x, attn_mask=None, is_causal=False):
             B, N, _ = x.shape
             gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            q, k, v = qkv_heads(self, x)
             q, k = self.q_norm(q), self.k_norm(k)
             mask = self_attn_mask(N, q, attn_mask, is_causal)
             x, _ = attention_core(q, k, v, mask, self.scale, self.attn_drop.p, self.training, self.attn_quant)
@@ -229,8 +228,7 @@ def _timm_compressed_classes() -> dict[type, type]:
 
         def forward(self, x, mask=None):
             B_, N, _ = x.shape
-            qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            q, k, v = qkv_heads(self, x)
             bias = self._get_rel_pos_bias()  # (1, heads, N, N)
             if mask is not None:  # (windows, N, N), repeated over the batch as timm's fused path does
                 num_win = mask.shape[0]

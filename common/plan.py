@@ -110,7 +110,7 @@ def prepare_plan(model: nn.Module, recipe: Recipe) -> Plan:
         subclass = lin is None and isinstance(mod, nn.Linear) and not isinstance(mod, CompressedLinear)
         if lin is None and not subclass:
             continue
-        hit = next((m for pat in recipe.skip if (m := re.search(pat, name))), None)
+        hit = recipe.skip_match(name)
         if hit is not None:
             p.keep[name] = f"skip: matches {hit.group(0).strip('.')!r}"
         elif name in heads:

@@ -116,8 +116,12 @@ class Recipe:
     def compresses(self) -> bool:
         return self.quantize_weights or self.quantize_acts or self.nm is not None
 
+    def skip_match(self, module_name: str) -> re.Match | None:
+        """The first `skip` pattern's match in the module name, or None."""
+        return next((m for p in self.skip if (m := re.search(p, module_name))), None)
+
     def skips(self, module_name: str) -> bool:
-        return any(re.search(p, module_name) for p in self.skip)
+        return self.skip_match(module_name) is not None
 
     # -- (de)serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:

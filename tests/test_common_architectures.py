@@ -11,6 +11,7 @@ from torch import nn
 
 import common
 from common.export import export_model, load_compressed
+from tiny_models import logits, to_device
 
 V = 100  # vocabulary of the tiny text models
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V)
@@ -107,19 +108,14 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:prepare. \d+ linears stay full 
 
 
 def _run(model, batch):
-    out = model(**batch) if isinstance(batch, dict) else model(batch)
-    return common.logits_of(out)[0]
-
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+    return logits(model, batch)[0]
 
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_prepare_compresses_the_backbone_and_quantizes_every_attention(name, device, eager_quantizers):
     model, batch, n_backbone, heads = _build(name)
     common.prepare(model, common.Recipe()).to(device)
-    batch = _to(batch, device)
+    batch = to_device(batch, device)
     lin = common.compressed_linears(model)
     assert len(lin) == n_backbone, sorted(lin)
     kept = {n for n, m in model.named_modules() if type(m) is nn.Linear}
@@ -319,7 +315,7 @@ def test_bf16_autocast_training_step(name, device, eager_quantizers):
     loss and gradients, and every attention quantizer's clip gets one."""
     model, batch, _, _ = _build(name)
     common.prepare(model, common.Recipe()).to(device)
-    batch = _to(batch, device)
+    batch = to_device(batch, device)
     common.calibrate(model, [batch])
     model.train()
     with torch.autocast(device.type, dtype=torch.bfloat16):

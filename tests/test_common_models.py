@@ -7,16 +7,7 @@ from torch import nn
 
 import common
 from common.attention import is_hf_attention
-from tiny_models import bert_batch, tiny_bert_qa, tiny_vit, tiny_wav2vec2_ctc, wav_batch
-
-
-def _run(model, batch):
-    out = model(**batch) if isinstance(batch, dict) else model(batch)
-    return common.logits_of(out)
-
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+from tiny_models import bert_batch, logits, tiny_bert_qa, tiny_vit, tiny_wav2vec2_ctc, to_device, wav_batch
 
 
 CASES = {
@@ -47,13 +38,13 @@ def test_prepare_swaps_every_backbone_linear(name):
 def test_convert_equals_prepared_exactly(name, device):
     build, batch_fn, _ = CASES[name]
     model = common.prepare(build(), common.Recipe()).to(device)
-    batch = _to(batch_fn(), device)
+    batch = to_device(batch_fn(), device)
     common.calibrate(model, [batch])
     model.eval()
     with torch.no_grad():
-        a = _run(model, batch)
+        a = logits(model, batch)
         common.convert(model)
-        b = _run(model, batch)
+        b = logits(model, batch)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     lin = next(iter(common.compressed_linears(model).values()))
@@ -66,15 +57,15 @@ def test_convert_equals_prepared_exactly(name, device):
 def test_attention_quantization_changes_output_and_gets_gradients(name, device):
     build, batch_fn, _ = CASES[name]
     base = build().eval()
-    batch = _to(batch_fn(), device)
+    batch = to_device(batch_fn(), device)
     off = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=False)).to(device)
     on = common.prepare(copy.deepcopy(base), common.Recipe(quantize_attention=True)).to(device)
     for m in (off, on):
         common.calibrate(m, [batch])
     with torch.no_grad():
-        assert not torch.equal(_run(off.eval(), batch)[0], _run(on.eval(), batch)[0])
+        assert not torch.equal(logits(off.eval(), batch)[0], logits(on.eval(), batch)[0])
     on.train()
-    _run(on, batch)[0].float().pow(2).mean().backward()
+    logits(on, batch)[0].float().pow(2).mean().backward()
     aq = next(m for m in on.modules() if isinstance(m, common.AttentionQuantizers))
     assert aq.q.hi.grad is not None and aq.v.hi.grad is not None
 
@@ -82,16 +73,16 @@ def test_attention_quantization_changes_output_and_gets_gradients(name, device):
 def test_hf_attention_unquantized_path_equals_eager():
     base = tiny_bert_qa().eval()
     batch = bert_batch()
-    ref = _run(base, batch)[0]
+    ref = logits(base, batch)[0]
     m = common.prepare(copy.deepcopy(base), common.Recipe.none() if False else common.Recipe(
         w_bits=32, a_bits=32, sparsity=None, quantize_attention=False))
-    torch.testing.assert_close(_run(m, batch)[0], ref)
+    torch.testing.assert_close(logits(m, batch)[0], ref)
     # the registered function with no quantizers attached must equal the eager path
     from common.attention import register_hf_attention
     register_hf_attention()
     m2 = copy.deepcopy(base)
     m2.set_attn_implementation("compressed")
-    torch.testing.assert_close(_run(m2, batch)[0], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(m2, batch)[0], ref, atol=1e-5, rtol=1e-5)
     assert any(is_hf_attention(x) for x in base.modules())
 
 
@@ -131,7 +122,7 @@ def test_compiled_kernels_train_like_eager(name, device):
     build, batch_fn, _ = CASES[name]
     torch.manual_seed(0)
     model = common.prepare(build(), common.Recipe()).to(device)
-    batch = _to(batch_fn(), device)
+    batch = to_device(batch_fn(), device)
     common.calibrate(model, [batch])
     model.train()
     results = []
@@ -141,7 +132,7 @@ def test_compiled_kernels_train_like_eager(name, device):
             kernels.set_compile(mode)
             model.zero_grad(set_to_none=True)
             torch.manual_seed(1)  # the same dropout masks
-            out = _run(model, batch)[0]
+            out = logits(model, batch)[0]
             out.float().pow(2).mean().backward()
             results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                            if p.grad is not None}))
@@ -160,7 +151,7 @@ def test_bf16_autocast_training_steps(name, device):
     the masks hold and the activation clips train."""
     build, batch_fn, _ = CASES[name]
     model = common.prepare(build(), common.Recipe()).to(device)
-    batch = _to(batch_fn(), device)
+    batch = to_device(batch_fn(), device)
     common.calibrate(model, [batch])
     model.train()
     lins = common.compressed_linears(model)
@@ -169,7 +160,7 @@ def test_bf16_autocast_training_steps(name, device):
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = _run(model, batch)[0]
+            out = logits(model, batch)[0]
         loss = out.float().pow(2).mean()
         loss.backward()
         assert torch.isfinite(loss)

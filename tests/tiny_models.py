@@ -24,6 +24,16 @@ def tiny_vit(**kw):
                              depth=2, num_heads=4, num_classes=10, **kw)
 
 
+def logits(model, batch) -> list:
+    """The model's logits (common.logits_of) for a batch given as a dict of inputs or one tensor."""
+    import common
+    return common.logits_of(model(**batch) if isinstance(batch, dict) else model(batch))
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+
+
 def bert_batch(b=2, seq=16):
     ids = torch.randint(0, 128, (b, seq))
     am = torch.ones(b, seq, dtype=torch.long)
