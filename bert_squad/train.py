@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
 from common.hf import stage_callbacks, training_arguments as training_args  # noqa: E402
 from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
+from common.sharding import full_tensor  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
 from bert_squad.squad_data import load_squad, minilm_path, references  # noqa: E402
@@ -106,11 +107,11 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runti
     out["effective_train_batch_size"] = (trainer.args.per_device_train_batch_size * trainer.args.world_size
                                          * trainer.args.gradient_accumulation_steps)
     out["learning_rate"] = trainer.args.learning_rate
+    save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())  # every rank (FSDP)
     if not trainer.is_world_process_zero():
         return out
     write_json(out_dir / "predictions.json", trainer.last_predictions)
     write_json(out_dir / "log_history.json", trainer.state.log_history)
-    save_weight_sample(out_dir, model, init_state)
     write_json(out_dir / "metrics.json", out)
     return out
 
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         steps = result.global_step
     if args.world_size > 1:  # evidence for the scale-out test: each rank's masks and clips after training
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()
+        torch.save({k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()
                     if k.endswith((".mask", ".lo", ".hi", ".signed"))},
                    out_dir / f"rank_state_{args.process_index}.pt")
     if cfg.get("interrupt_at_step") and steps == cfg["interrupt_at_step"]:

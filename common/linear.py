@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int_matmul, kernels
+from . import int_matmul, kernels, sharding
 from .fake_quant import dequantize_weight, quantize_weight, quantize_weight_codes, weight_step
 from .pact import ActQuantizer, _act_backward, _act_forward, _act_forward_codes
 from .sawb import weight_clip
@@ -113,7 +113,7 @@ class CompressedLinearFn(torch.autograd.Function):
 def _remask(module, incompatible_keys=None):
     """Keep the stored weight pruned whatever was loaded into it (a dense checkpoint, a resumed one)."""
     if module.mask is not None:
-        module.weight.mul_(module.mask)
+        module.weight.mul_(sharding.like(module.mask, module.weight))  # FSDP2: a full state loaded into shards
 
 
 class CompressedLinear(nn.Linear):
@@ -153,8 +153,10 @@ class CompressedLinear(nn.Linear):
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """Exactly the weight the forward multiplies with (masked, then fake-quantized)."""
-        w = self.weight if self.mask is None else self.weight * self.mask
+        """Exactly the weight the forward multiplies with (masked, then fake-quantized), whole. Under FSDP2 this
+        gathers the shards: call it on every rank."""
+        w = sharding.full_tensor(self.weight)
+        w = w if self.mask is None else w * self.mask
         return self.wspec(w) if self.wspec is not None else w.clone()
 
     def forward(self, x):

@@ -36,7 +36,8 @@ def _act_backward(g, x, xq, lo_eff, hi_eff, signed, plus):
         g_hi = g_hi + r
         if signed:
             g_lo = g_lo - r
-    return gx, g_lo, g_hi
+    # in the clips' own shape (one element): autograd does not reduce a 0-dim sum to it
+    return gx, None if g_lo is None else g_lo.reshape(lo_eff.shape), g_hi.reshape(hi_eff.shape)
 
 
 class ActFakeQuant(torch.autograd.Function):
@@ -66,14 +67,16 @@ class ActQuantizer(nn.Module):
         self.bits, self.method, self.zero_preserving = bits, method, zero_preserving
         learn = method in ("pact", "pact+")
         lo, hi = init_range if signed is not False else (0.0, init_range[1])
-        # one-sided: lo is fixed at 0 and gets no gradient (marked so DDP does not wait for one)
-        self.lo = nn.Parameter(torch.tensor(float(lo)), requires_grad=learn and signed is not False)
-        self.hi = nn.Parameter(torch.tensor(float(hi)), requires_grad=learn)
+        # one-sided: lo is fixed at 0 and gets no gradient (marked so DDP does not wait for one). One-element
+        # tensors, not 0-dim: FSDP2's fully_shard (the HF Trainer's default FSDP) refuses scalar parameters
+        self.lo = nn.Parameter(torch.tensor([float(lo)]), requires_grad=learn and signed is not False)
+        self.hi = nn.Parameter(torch.tensor([float(hi)]), requires_grad=learn)
         # persisted, so a reloaded model quantizes exactly as the trained one
         self.register_buffer("signed", torch.tensor(True if signed is None else bool(signed)))
         self.fixed_sign = signed is not None
         self.observing = False
         self._obs = None
+        self.register_load_state_dict_pre_hook(_clips_as_1d)
         self.register_load_state_dict_post_hook(_sync_after_load)
 
     def extra_repr(self):
@@ -138,6 +141,14 @@ def _sync_lo_trainable(q: ActQuantizer) -> bool:
     changed = q.lo.requires_grad != want
     q.lo.requires_grad_(want)
     return changed
+
+
+def _clips_as_1d(module, state_dict, prefix, *args):
+    # checkpoints written before the clips became one-element tensors hold them 0-dim
+    for name in ("lo", "hi"):
+        v = state_dict.get(prefix + name)
+        if v is not None and v.dim() == 0:
+            state_dict[prefix + name] = v.reshape(1)
 
 
 def _sync_after_load(module, incompatible_keys=None):

@@ -133,14 +133,21 @@ def write_json(path: str | Path, obj) -> None:
 
 
 @torch.no_grad()
-def save_weight_sample(run_dir: str | Path, model: torch.nn.Module, init_state: dict | None) -> None:
-    """One backbone layer's weight before (the init checkpoint) and after compression (its effective weight)."""
+def save_weight_sample(run_dir: str | Path, model: torch.nn.Module, init_state: dict | None,
+                       write: bool = True) -> None:
+    """One backbone layer's weight before (the init checkpoint) and after compression (its effective weight).
+    Under FSDP2 every rank must call it (the weights are gathered); pass write=False on all but one."""
     from .prepare import compressed_linears
+    from .sharding import full_tensor
     lins = compressed_linears(model)
     if not lins:
         return
     name, lin = next(iter(lins.items()))
-    before = (init_state or {}).get(name + ".weight", lin.weight if getattr(lin, "weight", None) is not None
-                                    else lin.effective_weight())
+    after = lin.effective_weight()
+    before = (init_state or {}).get(name + ".weight")
+    if before is None:
+        before = full_tensor(lin.weight) if getattr(lin, "weight", None) is not None else after
+    if not write:
+        return
     np.savez_compressed(Path(run_dir) / "weight_sample.npz", before=before.float().cpu().numpy(),
-                        after=lin.effective_weight().float().cpu().numpy(), layer=np.array([name]))
+                        after=after.float().cpu().numpy(), layer=np.array([name]))

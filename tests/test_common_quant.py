@@ -121,14 +121,27 @@ def test_calibration_sets_percentile_clips():
     q.observing = False
     assert q.finish_calibration()
     assert bool(q.signed)
-    torch.testing.assert_close(q.hi.detach(), torch.quantile(x, 0.99))
-    torch.testing.assert_close(q.lo.detach(), torch.quantile(x, 0.01))
+    torch.testing.assert_close(q.hi.detach(), torch.quantile(x, 0.99).reshape(1))
+    torch.testing.assert_close(q.lo.detach(), torch.quantile(x, 0.01).reshape(1))
     pos = ActQuantizer(4)
     pos.observing = 100.0
     pos(torch.rand(100))
     pos.observing = False
     pos.finish_calibration()
     assert not bool(pos.signed) and pos.lo.item() == 0.0
+
+
+def test_clips_are_one_element_and_old_scalar_checkpoints_load():
+    """FSDP2 refuses 0-dim parameters, so the clips have shape [1]; a checkpoint that stored them 0-dim (before
+    that change) still loads, to the same values, and trains."""
+    q = ActQuantizer(4)
+    assert q.lo.shape == q.hi.shape == (1,)
+    old = {"lo": torch.tensor(-1.5), "hi": torch.tensor(2.25), "signed": torch.tensor(True)}
+    q.load_state_dict(old)
+    assert q.lo.shape == (1,) and q.lo.item() == -1.5 and q.hi.item() == 2.25
+    x = torch.linspace(-3, 3, 50, requires_grad=True)
+    q(x).sum().backward()
+    assert q.lo.grad.shape == q.hi.grad.shape == (1,) and q.lo.grad.item() != 0 and q.hi.grad.item() != 0
 
 
 def test_loaded_sign_decides_whether_lo_trains():

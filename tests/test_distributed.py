@@ -1,5 +1,7 @@
-"""2-process CPU (gloo) run of the real bert_squad entry point under torchrun: masks and clips identical on every
-rank, and the same weights as a 1-process run with the same global batch (within float tolerance)."""
+"""2-process CPU (gloo) runs of the real bert_squad entry point under torchrun, with DDP and with the Trainer's
+FSDP2: masks and clips identical on every rank, the same weights as a 1-process run with the same global batch
+(within float tolerance), and an FSDP2 checkpoint resumed bit-identically; `common` in a loop of its own under
+torch's fully_shard with bf16 compute."""
 import os
 import subprocess
 import sys
@@ -8,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,32 +47,137 @@ def setup(tmp_path_factory):
     return root, common
 
 
-def _train(cmd_prefix, root, common, out, per_device, *extra):
+def _train(launch, root, common, out, per_device, *extra):
+    """Run bert_squad.train with `launch` (the python or torchrun command that takes a module name)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = cmd_prefix + ["-m", "bert_squad.train", "--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"),
-                        *common, f"output_dir={out}", f"train.per_device_train_batch_size={per_device}", *extra]
+    cmd = launch + ["bert_squad.train", "--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"),
+                    *common, f"output_dir={out}", f"train.per_device_train_batch_size={per_device}", *extra]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def test_two_process_gloo_matches_one_process(setup):
+PY = [sys.executable, "-m"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+# the HF Trainer's FSDP2 (its default FSDP) on CPU processes: see tests/fsdp_cpu_launch.py
+FSDP = ["train.ddp_backend=gloo", "train.fsdp=true", "train.fsdp_config={transformer_layer_cls_to_wrap: [BertLayer]}"]
+FSDP_TORCHRUN = TORCHRUN + [str(ROOT / "tests" / "fsdp_cpu_launch.py")]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
     root, common = setup
-    py = [sys.executable]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    log2 = _train(torchrun, root, common, root / "ddp2", 2, "train.ddp_backend=gloo")
-    _train(py, root, common, root / "ddp1", 4)
-    assert "effective batch 4 = 2 per device x 2 processes" in log2
-    a = load_file(str(root / "ddp2" / "model.safetensors"))
-    b = load_file(str(root / "ddp1" / "model.safetensors"))
-    assert a.keys() == b.keys()
+    _train(PY, root, common, root / "one", 4)
+    return load_file(str(root / "one" / "model.safetensors"))
+
+
+def assert_matches(two_proc_dir, one):
+    """The same weights as the 1-process run with the same global batch (float tolerance), masks exactly; and every
+    rank held the same masks and clips after training (each rank dumps them in a multi-process run)."""
+    a = load_file(str(two_proc_dir / "model.safetensors"))
+    assert a.keys() == one.keys()
     for k in a:
         if k.endswith((".mask", ".signed")):
-            assert torch.equal(a[k], b[k]), k
+            assert torch.equal(a[k], one[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    # every rank saw the same masks and clips: each rank dumps them in a DDP run (see train.py rank dump)
-    dumps = sorted((root / "ddp2").glob("rank_state_*.pt"))
+            torch.testing.assert_close(a[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    dumps = sorted(two_proc_dir.glob("rank_state_*.pt"))
     assert len(dumps) == 2
     r0, r1 = (torch.load(d) for d in dumps)
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(k.endswith(".hi") for k in r0)
+
+
+def test_two_process_gloo_matches_one_process(setup, one_process):
+    root, common = setup
+    log2 = _train(TORCHRUN + ["-m"], root, common, root / "ddp2", 2, "train.ddp_backend=gloo")
+    assert "effective batch 4 = 2 per device x 2 processes" in log2
+    assert_matches(root / "ddp2", one_process)
+
+
+def test_fsdp2_two_processes_match_one_process(setup, one_process):
+    """The Trainer's FSDP2 shards the compressed model (clips are one-element tensors: fully_shard refuses 0-dim
+    ones), trains it like one process, saves the full state (masks and clips included) and the weight sample."""
+    root, common = setup
+    log2 = _train(FSDP_TORCHRUN, root, common, root / "fsdp2", 2, *FSDP)
+    assert "effective batch 4 = 2 per device x 2 processes" in log2
+    assert_matches(root / "fsdp2", one_process)
+    assert (root / "fsdp2" / "weight_sample.npz").exists() and (root / "fsdp2" / "metrics.json").exists()
+
+
+def test_fsdp2_resume_is_bit_identical(setup):
+    """A sharded checkpoint resumes (the full state is loaded into the shards, masks reapplied shard by shard) to
+    the same weights as an uninterrupted run. AdamW: the stateless SGD has no optimizer state to resume, which
+    torch's FSDP optimizer loading rejects."""
+    root, common = setup
+    common = [c for c in common if c != "train.optim=sgd"]
+    _train(FSDP_TORCHRUN, root, common, root / "straight", 2, *FSDP)
+    part = ["train.save_strategy=steps", "train.save_steps=2"]
+    log = _train(FSDP_TORCHRUN, root, common, root / "resumed", 2, *FSDP, *part, "interrupt_at_step=2")
+    assert "interrupted at step 2" in log
+    _train(FSDP_TORCHRUN, root, common, root / "resumed", 2, *FSDP, "resume=true")
+    a = load_file(str(root / "straight" / "model.safetensors"))
+    b = load_file(str(root / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+WORKER = '''
+import sys, torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import BertConfig, BertForQuestionAnswering
+import common
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), sys.argv[1]
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+def sharded():
+    torch.manual_seed(0)
+    m = BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, hidden_dropout_prob=0.0))
+    common.prepare(m, common.Recipe())
+    common.calibrate(m, [dict(input_ids=torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1)))])
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in m.bert.encoder.layer:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(m, mp_policy=mp)
+
+m = sharded()
+opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+g = torch.Generator().manual_seed(2 + rank)  # each rank its own data
+for _ in range(3):
+    ids, pos = torch.randint(0, 100, (2, 16), generator=g), torch.randint(0, 16, (2,), generator=g)
+    m(input_ids=ids, start_positions=pos, end_positions=pos).loss.backward()
+    opt.step()
+    opt.zero_grad()
+state = get_model_state_dict(m, options=FULL)
+m2 = sharded()
+# a copy: loading with broadcast_from_rank0 turns the given dict's tensors into shards in place
+set_model_state_dict(m2, dict(state) if rank == 0 else {}, options=StateDictOptions(full_state_dict=True,
+                                                                                   broadcast_from_rank0=True))
+again = get_model_state_dict(m2, options=FULL)
+if rank == 0:
+    torch.save({"state": state, "again": again}, out)
+dist.destroy_process_group()
+'''
+
+
+def test_library_under_fully_shard_bf16(tmp_path):
+    """`common` in a user's own loop under torch's FSDP2 with bf16 compute: trains, the full state keeps the 2:4
+    pattern and one-element clips, and loads back into a sharded model unchanged (masks reapplied per shard)."""
+    script, out = tmp_path / "worker.py", tmp_path / "state.pt"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run(TORCHRUN[:-2] + ["--master_port", "29518", str(script), str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    saved = torch.load(out)
+    state, again = saved["state"], saved["again"]
+    masks = {k[:-len(".mask")]: v for k, v in state.items() if k.endswith(".mask")}
+    assert len(masks) == 12
+    for name, mask in masks.items():
+        w = state[name + ".weight"]
+        assert w.dtype == torch.float32 and w[~mask.bool()].eq(0).all() and common.check_nm(w), name
+    hi = [v for k, v in state.items() if k.endswith(".hi")]
+    assert hi and all(v.shape == (1,) for v in hi)
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)

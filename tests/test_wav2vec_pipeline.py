@@ -193,6 +193,10 @@ def test_bad_inputs_fail_clearly(env, tmp_path):
         run("fp", args, "data.eval_splits=[test-other,dev-other]", f"output_dir={tmp_path / 'd'}")
     with pytest.raises(RunError, match="config.yaml"):
         w2v_eval.main([str(tmp_path / "nothing")])
+    # FSDP: refused before anything is made, with the upstream reason and the way out (DDP)
+    with pytest.raises(ConfigError, match="train.fsdp is not supported for wav2vec2.*use DDP"):
+        run("qat4", args, "train.fsdp=true", f"output_dir={tmp_path / 'e'}")
+    assert not (tmp_path / "e").exists()
 
 
 def test_mini_corpus_is_synthesized_once(tmp_path):

@@ -191,6 +191,8 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runti
     task.update(info)
     task.update(decoding="greedy CTC (best path), no language model")
     out = stage_metrics(cfg, model, PIPELINE, MAIN_METRIC, False, task, steps, runtime)
+    if rewrite_training_files:  # every rank (FSDP gathers the weights), one writes
+        save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())
     if trainer.is_world_process_zero():
         for split in trainer.eval_sets:
             rows = trainer.last_predictions[f"eval_{split_key(split)}"]
@@ -198,7 +200,6 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runti
                 "".join(json.dumps(r) + "\n" for r in rows))
         if rewrite_training_files:
             write_json(out_dir / "log_history.json", trainer.state.log_history)
-            save_weight_sample(out_dir, model, init_state)
         write_json(out_dir / "metrics.json", out)
     return out
 
@@ -215,6 +216,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg["train"].get("seed", 42))
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
+    if cfg["train"].get("fsdp"):
+        # found with the pinned accelerate 1.15 / transformers 5.23 on CPU processes given Accelerate's FSDP path
+        # (tests/fsdp_cpu_launch.py); the FP model fails the same way: not the compression's doing
+        raise ConfigError(f"{cfg['config_file']}: train.fsdp is not supported for wav2vec2: Accelerate's FSDP2 "
+                          f"wrapping asks Wav2Vec2ForCTC for input embeddings (transformers raises NotImplementedError) "
+                          f"and takes the Wav2Vec2EncoderStableLayerNorm encoder for the final norm, whose input the "
+                          f"model then writes in place (an autograd error). wav2vec2-large fits on every GPU: use DDP "
+                          f"(drop train.fsdp; NPROC=N and train.gradient_accumulation_steps keep the global batch)")
     args = training_args(cfg, Path(cfg["output_dir"]))
     global_batch = check_global_batch(cfg, args)
     # torchrun: the main process checks/creates the run dir, synthesizes or exports the data and writes vocab.json

@@ -1,0 +1,25 @@
+"""Weights sharded by FSDP2 (`fully_shard`, the HF Trainer's default FSDP): its parameters are DTensors, each rank
+holding a slice, while masks and other buffers stay whole on every rank. These two helpers let the library's
+weight-level operations (remasking after a load, the effective weight) work on either kind of tensor."""
+from __future__ import annotations
+
+import torch
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    # duck-typed, so that plain use never imports torch.distributed
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "full_tensor")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor. For a sharded one this is a collective: every rank must call it."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` (whole, the same on every rank, shaped like `ref`) laid out as `ref`: sharded the same way when `ref` is
+    sharded, without communication (each rank takes its own slice)."""
+    if not is_sharded(ref):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
