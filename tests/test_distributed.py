@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+from launchers import two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,10 +59,12 @@ def _train(launch, root, common, out, per_device, *extra):
 
 
 PY = [sys.executable, "-m"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
 # the HF Trainer's FSDP2 (its default FSDP) on CPU processes: see tests/fsdp_cpu_launch.py
 FSDP = ["train.ddp_backend=gloo", "train.fsdp=true", "train.fsdp_config={transformer_layer_cls_to_wrap: [BertLayer]}"]
-FSDP_TORCHRUN = TORCHRUN + [str(ROOT / "tests" / "fsdp_cpu_launch.py")]
+
+
+def fsdp_torchrun():
+    return two_processes("torchrun", module=False) + [str(ROOT / "tests" / "fsdp_cpu_launch.py")]
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +91,19 @@ def assert_matches(two_proc_dir, one):
     assert any(k.endswith(".hi") for k in r0)
 
 
-def test_two_process_gloo_matches_one_process(setup, one_process):
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_process_gloo_matches_one_process(setup, one_process, launch):
     root, common = setup
-    log2 = _train(TORCHRUN + ["-m"], root, common, root / "ddp2", 2, "train.ddp_backend=gloo")
+    log2 = _train(two_processes(launch), root, common, root / f"ddp2_{launch}", 2, "train.ddp_backend=gloo")
     assert "effective batch 4 = 2 per device x 2 processes" in log2
-    assert_matches(root / "ddp2", one_process)
+    assert_matches(root / f"ddp2_{launch}", one_process)
 
 
 def test_fsdp2_two_processes_match_one_process(setup, one_process):
     """The Trainer's FSDP2 shards the compressed model (clips are one-element tensors: fully_shard refuses 0-dim
     ones), trains it like one process, saves the full state (masks and clips included) and the weight sample."""
     root, common = setup
-    log2 = _train(FSDP_TORCHRUN, root, common, root / "fsdp2", 2, *FSDP)
+    log2 = _train(fsdp_torchrun(), root, common, root / "fsdp2", 2, *FSDP)
     assert "effective batch 4 = 2 per device x 2 processes" in log2
     assert_matches(root / "fsdp2", one_process)
     assert (root / "fsdp2" / "weight_sample.npz").exists() and (root / "fsdp2" / "metrics.json").exists()
@@ -111,11 +115,11 @@ def test_fsdp2_resume_is_bit_identical(setup):
     torch's FSDP optimizer loading rejects."""
     root, common = setup
     common = [c for c in common if c != "train.optim=sgd"]
-    _train(FSDP_TORCHRUN, root, common, root / "straight", 2, *FSDP)
+    _train(fsdp_torchrun(), root, common, root / "straight", 2, *FSDP)
     part = ["train.save_strategy=steps", "train.save_steps=2"]
-    log = _train(FSDP_TORCHRUN, root, common, root / "resumed", 2, *FSDP, *part, "interrupt_at_step=2")
+    log = _train(fsdp_torchrun(), root, common, root / "resumed", 2, *FSDP, *part, "interrupt_at_step=2")
     assert "interrupted at step 2" in log
-    _train(FSDP_TORCHRUN, root, common, root / "resumed", 2, *FSDP, "resume=true")
+    _train(fsdp_torchrun(), root, common, root / "resumed", 2, *FSDP, "resume=true")
     a = load_file(str(root / "straight" / "model.safetensors"))
     b = load_file(str(root / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -168,7 +172,7 @@ def test_library_under_fully_shard_bf16(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "state.pt"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run(TORCHRUN[:-2] + ["--master_port", "29518", str(script), str(out)], cwd=ROOT, env=env,
+    r = subprocess.run(two_processes("torchrun", module=False) + [str(script), str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     saved = torch.load(out)

@@ -1,10 +1,10 @@
-"""vit_imagenet/train.py under torchrun (2 CPU processes, gloo): a W4A4 + 2:4 stage from a random init, so the ranks
-start from different weights and masks and only the broadcast from rank 0 makes them agree; then a DistributedSampler
-epoch, KD off, a checkpoint with every rank's RNG state, and eval.py (one process) reproducing the sharded top-1."""
+"""vit_imagenet/train.py under torchrun and under `accelerate launch` (2 CPU processes, gloo): a W4A4 + 2:4 stage
+from a random init, so the ranks start from different weights and masks and only the broadcast from rank 0 makes
+them agree; then a DistributedSampler epoch, KD off, a checkpoint with every rank's RNG state, and eval.py (one
+process) reproducing the sharded top-1."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common import check_nm
+from launchers import two_processes
 from vit_imagenet import eval as vit_eval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +35,13 @@ def _tiny_tree(root, n_train=8, n_val=4, classes=10):
                     root / split / f"digit_{c}" / f"{i}.png")
 
 
-def test_torchrun_two_processes(tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_processes(tmp_path, launch):
     digits = tmp_path / "digits"
     _tiny_tree(digits)
     out = tmp_path / "run"
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "vit_imagenet.train", "--config", str(ROOT / "vit_imagenet/configs/mini/qat4.yaml"),
+    cmd = two_processes(launch) + [
+           "vit_imagenet.train", "--config", str(ROOT / "vit_imagenet/configs/mini/qat4.yaml"),
            f"output_dir={out}", "init_from=null", "kd.enabled=false", f"data.data_dir={digits}",
            "data.make_mini_digits=false", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
            "data.train_subset=64", "data.val_subset=37", "train.batch_size=8", "train.global_batch_size=16",
@@ -56,7 +55,7 @@ def test_torchrun_two_processes(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)  # torchrun and its two workers
         output, _ = p.communicate()
-        pytest.fail("torchrun timed out:\n" + output[-3000:])
+        pytest.fail(f"{launch} timed out:\n" + output[-3000:])
     assert p.returncode == 0, output[-5000:]
     assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
     m = json.loads((out / "metrics.json").read_text())

@@ -1,6 +1,10 @@
 """Smoke tests of the real wav2vec_librispeech entry points on a tiny Wav2Vec2ForCTC (built from a config) and a
-tiny LibriSpeech-layout tree of synthetic tones; plus padding invariance of the compressed model."""
+tiny LibriSpeech-layout tree of synthetic tones, in one process and in two (torchrun, accelerate launch); plus
+padding invariance of the compressed model."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +16,13 @@ import common
 from common import check_nm, compressed_linears
 from common.config import ConfigError
 from common.runs import RunError
+from launchers import two_processes
 from run_checks import assert_same_weights
 from tiny_models import tiny_wav2vec2_ctc
 from wav2vec_librispeech import eval as w2v_eval
 from wav2vec_librispeech import train as w2v_train
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = "wav2vec_librispeech/configs/mini/{}.yaml"
 WORDS = ["HE", "WAS", "ONE", "DAY", "IT", "IS", "SO", "NO", "WE", "GO"]
 METRIC_KEYS = ("wer_test_clean", "wer_test_other", "wer_dev_clean", "cer_test_clean", "cer_test_other")
@@ -169,6 +175,31 @@ def test_resume_is_bit_identical(env, monkeypatch):
     assert len(calls) == 3  # really resumed: only steps 4-6 ran
     a = assert_same_weights(root / "full", root / "cut")
     assert any(k.endswith(".mask") for k in a) and any(k.endswith(".hi") for k in a)
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_processes(env, launch):
+    """The qat4 stage with KD on 2 CPU processes (gloo): the main process makes the run dir and vocab first, the
+    global batch is per device x processes, and the saved model keeps its 2:4 masks."""
+    root, args = env
+    fp = root / "runs" / "mini" / "wav2vec_librispeech" / "fp"
+    if not (fp / "model.safetensors").exists():
+        run("fp", args)
+    out = root / f"two_{launch}"
+    over = [a for a in args if not a.startswith("train.per_device_train_batch_size")]
+    cmd = two_processes(launch) + ["wav2vec_librispeech.train", "--config", CFG.format("qat4"), *over,
+                                   f"init_from={fp}", f"kd.teacher={fp}", "compression.calib_batches=2",
+                                   "train.per_device_train_batch_size=2", "train.ddp_backend=gloo",
+                                   f"output_dir={out}"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["global_batch_size"] == 4 and m["train_steps"] == 3 and m["compression_ratio"] == 16.0
+    state = load_file(str(out / "model.safetensors"))
+    masks = [k for k in state if k.endswith(".mask")]
+    assert len(masks) == 12 and all(check_nm(state[k]) and not state[k[:-5] + ".weight"][~state[k]].any()
+                                    for k in masks)
 
 
 def test_bad_inputs_fail_clearly(env, tmp_path):

@@ -220,8 +220,8 @@ def main(argv=None) -> dict:
         # found with the pinned accelerate 1.15 / transformers 5.23 on CPU processes given Accelerate's FSDP path
         # (tests/fsdp_cpu_launch.py); the FP model fails the same way: not the compression's doing
         raise ConfigError(f"{cfg['config_file']}: train.fsdp is not supported for wav2vec2: Accelerate's FSDP2 "
-                          f"wrapping asks Wav2Vec2ForCTC for input embeddings (transformers raises NotImplementedError) "
-                          f"and takes the Wav2Vec2EncoderStableLayerNorm encoder for the final norm, whose input the "
+                          f"wrapping asks Wav2Vec2ForCTC for input embeddings (transformers raises NotImplementedError)"
+                          f" and takes the Wav2Vec2EncoderStableLayerNorm encoder for the final norm, whose input the "
                           f"model then writes in place (an autograd error). wav2vec2-large fits on every GPU: use DDP "
                           f"(drop train.fsdp; NPROC=N and train.gradient_accumulation_steps keep the global batch)")
     args = training_args(cfg, Path(cfg["output_dir"]))

@@ -1,0 +1,23 @@
+"""Commands that start 2 local processes of an entry point, as users launch the pipelines on several GPUs."""
+import socket
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_processes(launch: str, module: bool = True) -> list[str]:
+    """The command prefix for `torchrun` or `accelerate launch` (whose multi-GPU launcher is torchrun's; on a CPU
+    machine the processes use gloo); module=True: the next argument is a module name, else a script path."""
+    port = str(free_port())
+    if launch == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    elif launch == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", port]
+    else:
+        raise ValueError(launch)
+    return cmd + (["-m"] if module else [])
