@@ -99,6 +99,21 @@ def test_two_process_gloo_matches_one_process(setup, one_process, launch):
     assert_matches(root / f"ddp2_{launch}", one_process)
 
 
+def test_resume_on_another_world_size(setup, one_process):
+    """A checkpoint of 2 processes (2 per device) resumes in 1 process (4 per device): the Trainer takes up the
+    same global batches, and the run ends where the uninterrupted 1-process run ends (float tolerance)."""
+    root, common = setup
+    out = root / "two_then_one"
+    log = _train(two_processes("torchrun"), root, common, out, 2, "train.ddp_backend=gloo", "interrupt_at_step=2",
+                 "train.save_strategy=steps", "train.save_steps=2")
+    assert "interrupted at step 2" in log
+    _train(PY, root, common, out, 4, "resume=true")
+    a = load_file(str(out / "model.safetensors"))
+    assert a.keys() == one_process.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], one_process[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fsdp2_two_processes_match_one_process(setup, one_process):
     """The Trainer's FSDP2 shards the compressed model (clips are one-element tensors: fully_shard refuses 0-dim
     ones), trains it like one process, saves the full state (masks and clips included) and the weight sample."""

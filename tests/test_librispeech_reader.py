@@ -118,6 +118,25 @@ def test_length_grouped_batches():
     assert sorted(sorted(lengths[i] for i in batch) for batch in b) == [[1], [2, 3, 4], [5, 6, 7], [8, 9, 10]]
 
 
+def test_training_order_depends_on_the_global_batch_alone():
+    """CTCTrainer's length-grouped sampler groups whole global batches, so per-device batch x accumulation x
+    processes = 8 gives one order however it is made up (the same global batches on 1 GPU or 8; a checkpoint
+    resumes on another world size), and another global batch gives another order."""
+    from types import SimpleNamespace
+    from wav2vec_librispeech.trainer_ctc import CTCTrainer
+    ds = SimpleNamespace(lengths=list(np.random.default_rng(0).integers(1, 100, 203)))
+
+    def order(per_device, accum, world):
+        args = SimpleNamespace(train_sampling_strategy="group_by_length", data_seed=None, seed=3, world_size=world,
+                               per_device_train_batch_size=per_device, gradient_accumulation_steps=accum)
+        return list(CTCTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=ds)))
+
+    one = order(8, 1, 1)
+    assert sorted(one) == list(range(203))
+    assert order(2, 4, 1) == order(4, 1, 2) == order(1, 1, 8) == one
+    assert order(4, 1, 1) != one
+
+
 def _espeak_available():
     try:
         from wav2vec_librispeech.synth_corpus import Espeak

@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from common import check_nm
 from launchers import two_processes
+from common.runs import RunError
 from vit_imagenet import eval as vit_eval
+from vit_imagenet import train as vit_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,18 +37,16 @@ def _tiny_tree(root, n_train=8, n_val=4, classes=10):
                     root / split / f"digit_{c}" / f"{i}.png")
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
-def test_two_processes(tmp_path, launch):
-    digits = tmp_path / "digits"
-    _tiny_tree(digits)
-    out = tmp_path / "run"
-    cmd = two_processes(launch) + [
-           "vit_imagenet.train", "--config", str(ROOT / "vit_imagenet/configs/mini/qat4.yaml"),
-           f"output_dir={out}", "init_from=null", "kd.enabled=false", f"data.data_dir={digits}",
-           "data.make_mini_digits=false", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-           "data.train_subset=64", "data.val_subset=37", "train.batch_size=8", "train.global_batch_size=16",
-           "train.grad_accum_steps=null", "train.max_steps=6", "train.log_every=2", "train.eval_every=3",
-           "train.save_every=3", "train.keep_checkpoint=true", "compression.calib_batches=2"]
+def _args(digits, out, *extra):
+    return ["vit_imagenet.train", "--config", str(ROOT / "vit_imagenet/configs/mini/qat4.yaml"),
+            f"output_dir={out}", "init_from=null", "kd.enabled=false", f"data.data_dir={digits}",
+            "data.make_mini_digits=false", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+            "data.train_subset=64", "data.val_subset=37", "train.batch_size=8", "train.global_batch_size=16",
+            "train.grad_accum_steps=null", "train.max_steps=6", "train.log_every=2", "train.eval_every=3",
+            "train.save_every=3", "train.keep_checkpoint=true", "compression.calib_batches=2", *extra]
+
+
+def _run(cmd, what):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
@@ -55,8 +55,17 @@ def test_two_processes(tmp_path, launch):
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)  # torchrun and its two workers
         output, _ = p.communicate()
-        pytest.fail(f"{launch} timed out:\n" + output[-3000:])
+        pytest.fail(f"{what} timed out:\n" + output[-3000:])
     assert p.returncode == 0, output[-5000:]
+    return output
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_processes(tmp_path, launch):
+    digits = tmp_path / "digits"
+    _tiny_tree(digits)
+    out = tmp_path / "run"
+    output = _run(two_processes(launch) + _args(digits, out), launch)
     assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_batch_size"] == 16 and m["train_steps"] == 6
@@ -70,3 +79,32 @@ def test_two_processes(tmp_path, launch):
     assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])
     again = vit_eval.main([str(out), "--out_dir", str(tmp_path / "ev")])
     assert again["top1"] == m["top1"] and again["top5"] == m["top5"]
+
+
+def test_resume_on_another_world_size(tmp_path):
+    """A checkpoint of 2 processes (batch 8 each) resumes in 1 process (batch 8, accumulation 2): the same global
+    batches in the same order, so without dropout it ends where an uninterrupted 1-process run ends (float
+    tolerance: DDP's average vs accumulation)."""
+    digits = tmp_path / "digits"
+    _tiny_tree(digits)
+    nodrop = ["dropout.p=0.0"]
+    _run(two_processes("torchrun") + _args(digits, tmp_path / "cut", *nodrop, "interrupt_at_step=3"), "torchrun")
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    with pytest.raises(RunError, match="same global batch and step count"):  # another global batch: refused
+        vit_train.main(_args(digits, tmp_path / "cut", *nodrop, "resume=true", "train.global_batch_size=8")[1:])
+    log = _run([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"), "resume")
+    assert "resumed at step 3 on 1 processes a checkpoint saved by 2" in log
+    assert "world 1 x batch 8 x accumulation 2 = global batch 16" in log
+    _run([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop), "1 process")
+    a = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    b = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith((".mask", ".signed")):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    logged, full = ([r for r in json.loads((tmp_path / d / "log_history.json").read_text()) if "loss" in r]
+                    for d in ("cut", "full"))
+    assert [r["step"] for r in logged] == [2, 4, 6]  # step 4's mean also counts both ranks' step-3 losses
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in full], rel=1e-4)

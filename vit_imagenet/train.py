@@ -110,6 +110,12 @@ def rng_state(d: Dist) -> dict:
     return s
 
 
+def seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(s: dict, d: Dist) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
@@ -183,9 +189,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
         say(f"resume=true but {ckpt_path} does not exist: starting from the beginning")
 
     seed = int(t["seed"])
-    random.seed(seed + d.rank)
-    np.random.seed(seed + d.rank)
-    torch.manual_seed(seed + d.rank)  # model init is overwritten by rank 0's weights under DDP
+    seed_rng(seed + d.rank)  # model init is overwritten by rank 0's weights under DDP
 
     # -- model: init weights (pretrained / init_from with masks) -> prepare -> calibrate ------------------------
     pretrained = bool(cfg["model"].get("pretrained")) and not cfg.get("init_from") and ckpt is None
@@ -255,16 +259,27 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
         step, log_history = ckpt["step"], ckpt["log_history"]
         train_time = float(ckpt.get("train_time_s", 0.0))
         pos = ckpt.get("data_position", {})
-        if ckpt.get("plan", {}).get("global_batch") != plan["global_batch"] or ckpt.get("plan", {}).get(
-                "total_steps") != total:
-            raise RunError(f"{ckpt_path}: saved with {ckpt.get('plan')}, but this run has {plan}; resume with the "
-                           f"same batch size, world size and step count")
+        saved = ckpt.get("plan", {})
+        if any(saved.get(k) != plan[k] for k in ("global_batch", "total_steps", "steps_per_epoch")):
+            raise RunError(f"{ckpt_path}: saved with {saved}, but this run has {plan}; resume with the same global "
+                           f"batch and step count (the world size may change: set train.batch_size or "
+                           f"train.grad_accum_steps so that the global batch stays {saved.get('global_batch')})")
         if pos and pos.get("epoch") != step // max(1, plan["steps_per_epoch"]):
             raise RunError(f"{ckpt_path}: inconsistent data position {pos} at step {step}")
-        if len(ckpt["rng_per_rank"]) != d.world:
-            raise RunError(f"{ckpt_path}: saved by {len(ckpt['rng_per_rank'])} processes, resumed by {d.world}")
-        set_rng_state(ckpt["rng_per_rank"][d.rank], d)
-        acc = list(ckpt["log_acc_per_rank"][d.rank])  # the loss sum since the last log line, of this rank
+        saved_world = len(ckpt["rng_per_rank"])
+        if saved_world == d.world:
+            set_rng_state(ckpt["rng_per_rank"][d.rank], d)
+            acc = list(ckpt["log_acc_per_rank"][d.rank])  # the loss sum since the last log line, of this rank
+        else:
+            # Another world size. Global batch k of an epoch is positions [k*G, (k+1)*G) of the epoch's permutation
+            # whatever the world size (the sampler stripes it over the ranks), so the data order carries over; the
+            # ranks' random streams (dropout, drop-path) cannot, and are reseeded from (seed, step, rank): choice
+            seed_rng(seed + 1000 * step + d.rank)
+            acc = [sum(a[0] for a in ckpt["log_acc_per_rank"]), sum(a[1] for a in ckpt["log_acc_per_rank"])] \
+                if d.main else [0.0, 0]
+            say(f"resumed at step {step} on {d.world} processes a checkpoint saved by {saved_world}: the same global "
+                f"batches in the same order; dropout's random streams are reseeded, so it is not bit-identical to an "
+                f"uninterrupted run")
         del ckpt
 
     sampler = ResumableSampler(data["train"], d.world, d.rank, seed) if total else None

@@ -33,7 +33,12 @@ class CTCTrainer(CompressionTrainer):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths"):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return LengthGroupedEpochSampler(ds.lengths, self.args.per_device_train_batch_size, seed)
+            # groups of one global batch, cut into per-device batches in order and dealt to the ranks in turn:
+            # global batch k is then positions [kG, (k+1)G) of an order that depends on G alone, the same for any
+            # number of processes (and a checkpoint resumes on another one); choice
+            a = self.args
+            group = a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+            return LengthGroupedEpochSampler(ds.lengths, group, seed)
         return super()._get_train_sampler(train_dataset)
 
     def _get_eval_sampler(self, eval_dataset):
