@@ -1,6 +1,10 @@
 """Commands that start 2 local processes of an entry point, as users launch the pipelines on several GPUs."""
+import os
 import socket
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -21,3 +25,10 @@ def two_processes(launch: str, module: bool = True) -> list[str]:
     else:
         raise ValueError(launch)
     return cmd + (["-m"] if module else [])
+
+
+def process_env() -> dict:
+    """The environment of the launched processes: one thread each (2 cores), the repository importable, and the
+    caller's PYTHONPATH kept after it (e.g. other library versions put in front of the venv's)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)

@@ -2,7 +2,6 @@
 FSDP2: masks and clips identical on every rank, the same weights as a 1-process run with the same global batch
 (within float tolerance), and an FSDP2 checkpoint resumed bit-identically; `common` in a loop of its own under
 torch's fully_shard with bf16 compute."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from launchers import two_processes
+from launchers import process_env, two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +49,7 @@ def setup(tmp_path_factory):
 
 def _train(launch, root, common, out, per_device, *extra):
     """Run bert_squad.train with `launch` (the python or torchrun command that takes a module name)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = process_env()
     cmd = launch + ["bert_squad.train", "--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"),
                     *common, f"output_dir={out}", f"train.per_device_train_batch_size={per_device}", *extra]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -186,7 +185,7 @@ def test_library_under_fully_shard_bf16(tmp_path):
     pattern and one-element clips, and loads back into a sharded model unchanged (masks reapplied per shard)."""
     script, out = tmp_path / "worker.py", tmp_path / "state.pt"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = process_env()
     r = subprocess.run(two_processes("torchrun", module=False) + [str(script), str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common import check_nm
-from launchers import two_processes
+from launchers import process_env, two_processes
 from common.runs import RunError
 from vit_imagenet import eval as vit_eval
 from vit_imagenet import train as vit_train
@@ -47,7 +47,7 @@ def _args(digits, out, *extra):
 
 
 def _run(cmd, what):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:

@@ -2,7 +2,6 @@
 tiny LibriSpeech-layout tree of synthetic tones, in one process and in two (torchrun, accelerate launch); plus
 padding invariance of the compressed model."""
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import common
 from common import check_nm, compressed_linears
 from common.config import ConfigError
 from common.runs import RunError
-from launchers import two_processes
+from launchers import process_env, two_processes
 from run_checks import assert_same_weights
 from tiny_models import tiny_wav2vec2_ctc
 from wav2vec_librispeech import eval as w2v_eval
@@ -202,7 +201,7 @@ def test_two_processes(env, launch):
     cmd = two_processes(launch) + ["wav2vec_librispeech.train", "--config", CFG.format("qat4"),
                                    *_qat4_args(env, out, 2), "train.ddp_backend=gloo"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+                       env=process_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["global_batch_size"] == 4 and m["train_steps"] == 3 and m["compression_ratio"] == 16.0
