@@ -49,11 +49,16 @@ def resolved(pipeline: str, scale: str, stage: str, overrides: list[str] | None 
     return expand_paths(load_config(config_path(pipeline, scale, stage), overrides or []), pipeline)
 
 
+def seed_suffix(k: int) -> str:
+    """What the k-th extra seed adds to a stage's name and run dir (nothing for the default seed)."""
+    return f"_seed{k}" if k else ""
+
+
 def repeat_overrides(cfg: dict, k: int) -> list[str]:
     """The k-th extra seed of a stage (choice: the seed, data order, dropout and calibration batches change;
     the upstream checkpoints stay those of the default seed, so the spread is this stage's own)."""
     return [f"seed_repeat={k}", f"train.seed={int(cfg['train']['seed']) + k}",
-            f"output_dir={cfg['output_dir']}_seed{k}"]
+            f"output_dir={cfg['output_dir']}{seed_suffix(k)}"]
 
 
 def comparable(cfg: dict) -> dict:
@@ -147,7 +152,7 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
         times = json.loads(path.read_text())
     except (OSError, ValueError):
         times = {}
-    times[f"{pipeline}/{stage}" + (f"_seed{repeat}" if repeat else "")] = {
+    times[f"{pipeline}/{stage}{seed_suffix(repeat)}"] = {
         "pipeline": pipeline, "stage": stage, "main_row": stage in MAIN and not repeat, "seconds": round(seconds, 1),
         "status": status, "hardware": hardware(), "in_process": not isolate,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **({"seed_repeat": repeat} if repeat else {})}
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
             if rc == 0 and not k:  # the compression columns come from the default seed's export
                 export_if_quantized(cfg, p, isolate)
             elif rc:
-                failed.append(f"{p}/{stage}" + (f"_seed{k}" if k else ""))
+                failed.append(f"{p}/{stage}{seed_suffix(k)}")
             secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[reproduce] {name}: {status} in {secs / 60:.1f} min", flush=True)
