@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,10 +71,18 @@ def split_state(state: dict[str, torch.Tensor]):
     return plain, masks
 
 
+def _may_differ(model: torch.nn.Module, which: str) -> list[str]:
+    # the model's own (Hugging Face) patterns of keys a checkpoint may lack or carry, e.g. a parameter that exists
+    # only while a training option is on (wav2vec2's SpecAugment embedding)
+    return list(getattr(model, f"_keys_to_ignore_on_load_{which}", None) or [])
+
+
 def load_into(model: torch.nn.Module, state: dict, source: str, strict_backbone: bool = True) -> None:
     """load_state_dict with an error that names the checkpoint when it does not fit the model."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".lo", ".hi", ".signed", ".mask"))]
+    missing = [k for k in missing if not k.endswith((".lo", ".hi", ".signed", ".mask"))
+               and not any(re.search(p, k) for p in _may_differ(model, "missing"))]
+    unexpected = [k for k in unexpected if not any(re.search(p, k) for p in _may_differ(model, "unexpected"))]
     if strict_backbone and (missing or unexpected):
         raise RunError(f"{source}: checkpoint does not match the model: missing {missing[:5]}"
                        f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"

@@ -134,9 +134,17 @@ def model_builder(cfg: dict):
     init from a config.json (the mini scale trains that from scratch in its fp stage; tests)."""
     path = str(cfg["model_name_or_path"])
     kw = model_kwargs(cfg)
-    if cfg.get("from_config"):
-        return lambda: Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(path, **kw))
-    return lambda: Wav2Vec2ForCTC.from_pretrained(path, **kw)
+
+    def build():
+        m = Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(path, **kw)) if cfg.get("from_config") else \
+            Wav2Vec2ForCTC.from_pretrained(path, **kw)
+        # SpecAugment's learned embedding exists only where masking is on (mask_time_prob or mask_feature_prob
+        # > 0): a stage may turn it on or off against its init checkpoint or teacher (e.g. an ablation)
+        for which in ("missing", "unexpected"):
+            setattr(m, f"_keys_to_ignore_on_load_{which}",
+                    set(getattr(m, f"_keys_to_ignore_on_load_{which}", None) or ()) | {r"\.masked_spec_embed$"})
+        return m
+    return build
 
 
 def check_vocab(cfg: dict) -> None:
