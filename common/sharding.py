@@ -1,5 +1,5 @@
 """Weights sharded by FSDP2 (`fully_shard`, the HF Trainer's default FSDP): its parameters are DTensors, each rank
-holding a slice, while masks and other buffers stay whole on every rank. These two helpers let the library's
+holding a slice, while masks and other buffers stay whole on every rank. These helpers let the library's
 weight-level operations (remasking after a load, the effective weight) work on either kind of tensor."""
 from __future__ import annotations
 
