@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import common
 from launchers import process_env, two_processes
+from run_checks import assert_close_weights, assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ def setup(tmp_path_factory):
               "train.warmup_steps=0", "train.dataloader_num_workers=0", "train.disable_tqdm=true",
               "train.train_sampling_strategy=sequential",  # the same samples form each global batch
               "train.optim=sgd",  # Adam's first steps are sign-like: float-order noise in tiny grads flips them
+              "train.optim_args=momentum=0.9",  # an optimizer state to resume (FSDP's loading rejects an empty one)
               # pad every feature to max_seq_length: with per-batch padding a rank's 2-sample batch and the 1-process
               # 4-sample batch get different lengths, and the QA head's start/end softmax spans the padded positions
               "data.pad_to_max_length=true"]
@@ -76,13 +78,7 @@ def one_process(setup):
 def assert_matches(two_proc_dir, one):
     """The same weights as the 1-process run with the same global batch (float tolerance), masks exactly; and every
     rank held the same masks and clips after training (each rank dumps them in a multi-process run)."""
-    a = load_file(str(two_proc_dir / "model.safetensors"))
-    assert a.keys() == one.keys()
-    for k in a:
-        if k.endswith((".mask", ".signed")):
-            assert torch.equal(a[k], one[k]), k
-        else:
-            torch.testing.assert_close(a[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_close_weights(load_file(str(two_proc_dir / "model.safetensors")), one)
     dumps = sorted(two_proc_dir.glob("rank_state_*.pt"))
     assert len(dumps) == 2
     r0, r1 = (torch.load(d) for d in dumps)
@@ -107,36 +103,34 @@ def test_resume_on_another_world_size(setup, one_process):
                  "train.save_strategy=steps", "train.save_steps=2")
     assert "interrupted at step 2" in log
     _train(PY, root, common, out, 4, "resume=true")
-    a = load_file(str(out / "model.safetensors"))
-    assert a.keys() == one_process.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], one_process[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_close_weights(load_file(str(out / "model.safetensors")), one_process)
 
 
-def test_fsdp2_two_processes_match_one_process(setup, one_process):
+@pytest.fixture(scope="module")
+def fsdp2_run(setup):
+    root, common = setup
+    log = _train(fsdp_torchrun(), root, common, root / "fsdp2", 2, *FSDP)
+    return root / "fsdp2", log
+
+
+def test_fsdp2_two_processes_match_one_process(fsdp2_run, one_process):
     """The Trainer's FSDP2 shards the compressed model (clips are one-element tensors: fully_shard refuses 0-dim
     ones), trains it like one process, saves the full state (masks and clips included) and the weight sample."""
-    root, common = setup
-    log2 = _train(fsdp_torchrun(), root, common, root / "fsdp2", 2, *FSDP)
-    assert "effective batch 4 = 2 per device x 2 processes" in log2
-    assert_matches(root / "fsdp2", one_process)
-    assert (root / "fsdp2" / "weight_sample.npz").exists() and (root / "fsdp2" / "metrics.json").exists()
+    out, log = fsdp2_run
+    assert "effective batch 4 = 2 per device x 2 processes" in log
+    assert_matches(out, one_process)
+    assert (out / "weight_sample.npz").exists() and (out / "metrics.json").exists()
 
 
-def test_fsdp2_resume_is_bit_identical(setup):
-    """A sharded checkpoint resumes (the full state is loaded into the shards, masks reapplied shard by shard) to
-    the same weights as an uninterrupted run. AdamW: the stateless SGD has no optimizer state to resume, which
-    torch's FSDP optimizer loading rejects."""
+def test_fsdp2_resume_is_bit_identical(setup, fsdp2_run):
+    """A sharded checkpoint (momentum buffers included) resumes, the full state loaded into the shards and the
+    masks reapplied shard by shard, to the same weights as the uninterrupted run."""
     root, common = setup
-    common = [c for c in common if c != "train.optim=sgd"]
-    _train(fsdp_torchrun(), root, common, root / "straight", 2, *FSDP)
     part = ["train.save_strategy=steps", "train.save_steps=2"]
     log = _train(fsdp_torchrun(), root, common, root / "resumed", 2, *FSDP, *part, "interrupt_at_step=2")
     assert "interrupted at step 2" in log
     _train(fsdp_torchrun(), root, common, root / "resumed", 2, *FSDP, "resume=true")
-    a = load_file(str(root / "straight" / "model.safetensors"))
-    b = load_file(str(root / "resumed" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(fsdp2_run[0], root / "resumed")
 
 
 WORKER = '''
