@@ -1,5 +1,5 @@
-"""2-process CPU (gloo) runs of the real bert_squad entry point under torchrun, with DDP and with the Trainer's
-FSDP2: masks and clips identical on every rank, the same weights as a 1-process run with the same global batch
+"""2-process CPU (gloo) runs of the real bert_squad entry point (qat4 with KD from the FP model) under torchrun and
+accelerate launch, with DDP and with the Trainer's FSDP2: masks and clips identical on every rank, the same weights as a 1-process run with the same global batch
 (within float tolerance), and an FSDP2 checkpoint resumed bit-identically; `common` in a loop of its own under
 torch's fully_shard with bf16 compute."""
 import subprocess
@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     m.save_pretrained(fp)
     common = [f"model_name_or_path={model_dir}", "from_config=true", f"data.train_file={data / 'train.json'}",
               f"data.validation_file={data / 'dev.json'}", "data.generate_mini=null", "train.max_steps=3",
-              "train.logging_steps=1", f"init_from={fp}", "kd.enabled=false", "dropout.p=0.0",
+              "train.logging_steps=1", f"init_from={fp}", f"kd.teacher={fp}", "dropout.p=0.0",
               "compression.calib_batches=2", "train.learning_rate=1e-3",
               "train.warmup_steps=0", "train.dataloader_num_workers=0", "train.disable_tqdm=true",
               "train.train_sampling_strategy=sequential",  # the same samples form each global batch
