@@ -1,7 +1,8 @@
 """2-process CPU (gloo) runs of the real bert_squad entry point (qat4 with KD from the FP model) under torchrun and
-accelerate launch, with DDP and with the Trainer's FSDP2: masks and clips identical on every rank, the same weights as a 1-process run with the same global batch
-(within float tolerance), and an FSDP2 checkpoint resumed bit-identically; `common` in a loop of its own under
-torch's fully_shard with bf16 compute."""
+accelerate launch, with DDP and with the Trainer's FSDP2: masks and clips identical on every rank, the same weights
+as a 1-process run with the same global batch (within float tolerance), an FSDP2 checkpoint resumed
+bit-identically, a 2-process checkpoint resumed in 1 process; `common` in a loop of its own under torch's
+fully_shard with bf16 compute."""
 import subprocess
 import sys
 from pathlib import Path
