@@ -13,14 +13,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def two_processes(launch: str, module: bool = True) -> list[str]:
-    """The command prefix for `torchrun` or `accelerate launch` (whose multi-GPU launcher is torchrun's; on a CPU
-    machine the processes use gloo); module=True: the next argument is a module name, else a script path."""
+def two_processes(launch: str, module: bool = True, n: int = 2) -> list[str]:
+    """The command prefix that starts n (2) processes with `torchrun` or `accelerate launch` (whose multi-GPU
+    launcher is torchrun's; on a CPU machine the processes use gloo); module=True: the next argument is a module
+    name, else a script path."""
     port = str(free_port())
     if launch == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]
     elif launch == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
                "--num_machines", "1", "--main_process_port", port]
     else:
         raise ValueError(launch)

@@ -135,21 +135,25 @@ def test_fsdp2_resume_is_bit_identical(setup, fsdp2_run):
 
 
 WORKER = '''
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import BertConfig, BertForQuestionAnswering
 import common
-dist.init_process_group("gloo")
-rank, out = dist.get_rank(), sys.argv[1]
+out, device = sys.argv[1], sys.argv[2]
+if device == "cuda":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group("nccl" if device == "cuda" else "gloo")
+rank = dist.get_rank()
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def sharded():
     torch.manual_seed(0)
     m = BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=64, hidden_dropout_prob=0.0))
+                                            intermediate_size=64, hidden_dropout_prob=0.0)).to(device)
     common.prepare(m, common.Recipe())
-    common.calibrate(m, [dict(input_ids=torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1)))])
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    common.calibrate(m, [dict(input_ids=ids.to(device))])
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in m.bert.encoder.layer:
         fully_shard(layer, mp_policy=mp)
@@ -160,7 +164,7 @@ opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
 g = torch.Generator().manual_seed(2 + rank)  # each rank its own data
 for _ in range(3):
     ids, pos = torch.randint(0, 100, (2, 16), generator=g), torch.randint(0, 16, (2,), generator=g)
-    m(input_ids=ids, start_positions=pos, end_positions=pos).loss.backward()
+    m(input_ids=ids.to(device), start_positions=pos.to(device), end_positions=pos.to(device)).loss.backward()
     opt.step()
     opt.zero_grad()
 state = get_model_state_dict(m, options=FULL)
@@ -175,14 +179,17 @@ dist.destroy_process_group()
 '''
 
 
-def test_library_under_fully_shard_bf16(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU (benchmarks/gpu_check.sh runs it where there is one)"))])
+def test_library_under_fully_shard_bf16(tmp_path, device):
     """`common` in a user's own loop under torch's FSDP2 with bf16 compute: trains, the full state keeps the 2:4
-    pattern and one-element clips, and loads back into a sharded model unchanged (masks reapplied per shard)."""
+    pattern and one-element clips, and loads back into a sharded model unchanged (masks reapplied per shard).
+    On CUDA: nccl, as many processes as GPUs up to 2."""
     script, out = tmp_path / "worker.py", tmp_path / "state.pt"
     script.write_text(WORKER)
-    env = process_env()
-    r = subprocess.run(two_processes("torchrun", module=False) + [str(script), str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    n = min(2, torch.cuda.device_count()) if device == "cuda" else 2
+    r = subprocess.run(two_processes("torchrun", module=False, n=n) + [str(script), str(out), device], cwd=ROOT,
+                       env=process_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     saved = torch.load(out)
     state, again = saved["state"], saved["again"]
