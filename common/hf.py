@@ -12,6 +12,7 @@ from .config import ConfigError
 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
+from .pact import clip_state_as_1d
 
 
 class ScheduledDropoutCallback(TrainerCallback):
@@ -64,6 +65,13 @@ class CompressionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.kd_mask_fn = kd_mask_fn
+
+    def create_optimizer(self, model=None):
+        opt = super().create_optimizer(model)
+        if not getattr(opt, "_clip_state_hook", False):  # a checkpoint from before the clips were one-element
+            opt.register_load_state_dict_post_hook(clip_state_as_1d)
+            opt._clip_state_hook = True
+        return opt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.distiller is None:

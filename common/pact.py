@@ -151,6 +151,18 @@ def _clips_as_1d(module, state_dict, prefix, *args):
             state_dict[prefix + name] = v.reshape(1)
 
 
+def clip_state_as_1d(optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer's load_state_dict post-hook: state saved while the clips were 0-dim (momentum, Adam's moments)
+    reshaped to the one-element clips, so that a run interrupted before that change resumes after it."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and p.shape == (1,):
+                for k, v in state.items():
+                    if k != "step" and torch.is_tensor(v) and v.dim() == 0:  # Adam's step counter is 0-dim
+                        state[k] = v.reshape(1)
+
+
 def _sync_after_load(module, incompatible_keys=None):
     _sync_lo_trainable(module)
 

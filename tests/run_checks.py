@@ -24,3 +24,14 @@ def assert_close_weights(a: dict, b: dict) -> None:
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def with_scalar_clips(model_state: dict, optimizer_state: dict) -> tuple[dict, dict]:
+    """A checkpoint as written before the clips became one-element tensors: the clips, and their optimizer state
+    (momentum, Adam's moments; every one-element state but the step counter), 0-dim. For resume tests."""
+    model_state = {k: v.reshape(()) if k.endswith((".lo", ".hi")) else v for k, v in model_state.items()}
+    for st in optimizer_state["state"].values():
+        for k, v in st.items():
+            if k != "step" and torch.is_tensor(v) and v.shape == (1,):
+                st[k] = v.reshape(())
+    return model_state, optimizer_state

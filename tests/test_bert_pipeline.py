@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bert_squad import eval as bert_eval
 from bert_squad import make_mini_squad
@@ -13,7 +13,7 @@ from bert_squad.squad_data import minilm_path
 from common import check_nm, compressed_linears
 from common.config import ConfigError
 from common.runs import RunError
-from run_checks import assert_same_weights
+from run_checks import assert_same_weights, with_scalar_clips
 
 CFG = "bert_squad/configs/mini/{}.yaml"
 
@@ -75,19 +75,29 @@ def test_stage_chain_and_saved_model(env):
     assert again["f1"] == out["qat4"]["f1"] and again["exact_match"] == out["qat4"]["exact_match"]
 
 
-def test_resume_is_bit_identical(env):
+@pytest.mark.parametrize("optim", [[], ["train.optim=sgd", "train.optim_args=momentum=0.9"]], ids=["adamw", "sgd"])
+def test_resume_is_bit_identical(env, optim):
+    """Interrupted at step 2 and resumed = uninterrupted, from a checkpoint written while the clips were 0-dim
+    (earlier versions): the model loads them, and the optimizer state is reshaped to them (SGD's momentum; the
+    Trainer's fused AdamW steps over 0-dim moments as it is)."""
     root, common = env
     fp = root / "runs" / "mini" / "bert_squad" / "fp"
     if not (fp / "model.safetensors").exists():
         run("fp", common)
     base = common + ["init_from=" + str(fp), "kd.teacher=" + str(fp), "train.max_steps=4",
                      "train.save_strategy=steps", "train.save_steps=2", "compression.sparsity=2:4",
-                     "compression.calib_batches=2"]
-    run("qat4_dense", base, f"output_dir={root / 'full'}")
-    run("qat4_dense", base, f"output_dir={root / 'cut'}", "interrupt_at_step=2")
-    assert not (root / "cut" / "model.safetensors").exists() and (root / "cut" / "checkpoint-2").exists()
-    run("qat4_dense", base, f"output_dir={root / 'cut'}", "resume=true")
-    assert_same_weights(root / "full", root / "cut")
+                     "compression.calib_batches=2", *optim]
+    name = "sgd" if optim else "adamw"
+    run("qat4_dense", base, f"output_dir={root / ('full_' + name)}")
+    run("qat4_dense", base, f"output_dir={root / ('cut_' + name)}", "interrupt_at_step=2")
+    cut = root / ("cut_" + name)
+    assert not (cut / "model.safetensors").exists() and (cut / "checkpoint-2").exists()
+    ckpt = cut / "checkpoint-2"  # as written while the clips were 0-dim
+    model, opt = with_scalar_clips(load_file(str(ckpt / "model.safetensors")), torch.load(ckpt / "optimizer.pt"))
+    save_file(model, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(opt, ckpt / "optimizer.pt")
+    run("qat4_dense", base, f"output_dir={cut}", "resume=true")
+    assert_same_weights(root / ("full_" + name), cut)
 
 
 def test_bad_inputs_fail_clearly(env, tmp_path):

@@ -1,4 +1,6 @@
 """Quantizer math: bit-exact against PyTorch's reference fake-quant ops, level counts, zero handling, STE grads."""
+import copy
+
 import pytest
 import torch
 
@@ -142,6 +144,39 @@ def test_clips_are_one_element_and_old_scalar_checkpoints_load():
     x = torch.linspace(-3, 3, 50, requires_grad=True)
     q(x).sum().backward()
     assert q.lo.grad.shape == q.hi.grad.shape == (1,) and q.lo.grad.item() != 0 and q.hi.grad.item() != 0
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_optimizer_state_of_scalar_clips_resumes(opt_cls):
+    """A run interrupted while the clips were 0-dim: its optimizer state (Adam's moments, SGD's momentum) is
+    reshaped to the one-element clips on load (common.pact.clip_state_as_1d) and the next step equals the step
+    the old state would have taken."""
+    from common.pact import clip_state_as_1d
+    kw = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+    x = torch.linspace(-12, 12, 50)  # beyond the clips, so that they get gradients
+
+    def step(q, opt):
+        q(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    q = ActQuantizer(4)
+    opt = opt_cls(q.parameters(), lr=0.1, **kw)
+    step(q, opt)
+    old_model = {k: v.clone().reshape(()) if k in ("lo", "hi") else v.clone() for k, v in q.state_dict().items()}
+    old_opt = copy.deepcopy(opt.state_dict())  # state_dict() shares the live state dicts
+    for st in old_opt["state"].values():
+        for k, v in st.items():
+            if k != "step":
+                st[k] = v.reshape(())
+    step(q, opt)  # what the run would have done next
+    q2 = ActQuantizer(4)
+    q2.load_state_dict(old_model)
+    opt2 = opt_cls(q2.parameters(), lr=0.1, **kw)
+    opt2.register_load_state_dict_post_hook(clip_state_as_1d)
+    opt2.load_state_dict(old_opt)
+    step(q2, opt2)
+    assert torch.equal(q2.lo, q.lo) and torch.equal(q2.hi, q.hi)
 
 
 def test_loaded_sign_decides_whether_lo_trains():

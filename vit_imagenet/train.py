@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from common import ScheduledDropout, compression_summary  # noqa: E402
-from common.pact import fix_one_sided_clips  # noqa: E402
+from common.pact import clip_state_as_1d, fix_one_sided_clips  # noqa: E402
 from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 from common.recipe import RecipeError  # noqa: E402
 from common.runs import (RunError, find_model_file, prepare_output_dir, save_weight_sample,  # noqa: E402
@@ -98,9 +98,12 @@ def build_optimizer(cfg: dict, model: nn.Module):
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, float(t.get("weight_decay") or 0.0), no_weight_decay_list=skip)
     if t["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=float(t["lr"]), momentum=float(t.get("momentum", 0.9)),
-                               nesterov=bool(t.get("nesterov", False)))
-    return torch.optim.AdamW(groups, lr=float(t["lr"]), betas=tuple(t.get("betas") or (0.9, 0.999)))
+        opt = torch.optim.SGD(groups, lr=float(t["lr"]), momentum=float(t.get("momentum", 0.9)),
+                              nesterov=bool(t.get("nesterov", False)))
+    else:
+        opt = torch.optim.AdamW(groups, lr=float(t["lr"]), betas=tuple(t.get("betas") or (0.9, 0.999)))
+    opt.register_load_state_dict_post_hook(clip_state_as_1d)  # a checkpoint from before the clips were 1-element
+    return opt
 
 
 def rng_state(d: Dist) -> dict:
