@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from common import check_nm
 from launchers import process_env, two_processes
 from run_checks import assert_close_weights, assert_same_weights
 
@@ -197,7 +197,7 @@ def test_library_under_fully_shard_bf16(tmp_path, device):
     assert len(masks) == 12
     for name, mask in masks.items():
         w = state[name + ".weight"]
-        assert w.dtype == torch.float32 and w[~mask.bool()].eq(0).all() and common.check_nm(w), name
+        assert w.dtype == torch.float32 and w[~mask.bool()].eq(0).all() and check_nm(w), name
     hi = [v for k, v in state.items() if k.endswith(".hi")]
     assert hi and all(v.shape == (1,) for v in hi)
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common import check_nm
+from common.runs import RunError
 from launchers import process_env, two_processes
 from run_checks import assert_close_weights
-from common.runs import RunError
 from vit_imagenet import eval as vit_eval
 from vit_imagenet import train as vit_train
 

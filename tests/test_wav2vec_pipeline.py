@@ -153,11 +153,18 @@ def test_compressed_logits_do_not_depend_on_padding():
             assert (leaky - alone).abs().max() > 1e-3
 
 
-def test_resume_is_bit_identical(env, monkeypatch):
+def _fp_run(env):
+    """The module's fp run (made here if test_stage_chain_saved_model_and_eval did not run)."""
     root, args = env
     fp = root / "runs" / "mini" / "wav2vec_librispeech" / "fp"
     if not (fp / "model.safetensors").exists():
         run("fp", args)
+    return fp
+
+
+def test_resume_is_bit_identical(env, monkeypatch):
+    root, args = env
+    fp = _fp_run(env)
     # 15 training utterances / batch 4 = 4 steps per epoch: the cut is mid-epoch (skipped batches, restored RNG)
     # and the resumed run crosses an epoch boundary (the length-grouped order is reshuffled from seed + epoch)
     base = args + ["init_from=" + str(fp), "kd.teacher=" + str(fp), "train.max_steps=6", "train.save_strategy=steps",
@@ -174,14 +181,6 @@ def test_resume_is_bit_identical(env, monkeypatch):
     assert len(calls) == 3  # really resumed: only steps 4-6 ran
     a = assert_same_weights(root / "full", root / "cut")
     assert any(k.endswith(".mask") for k in a) and any(k.endswith(".hi") for k in a)
-
-
-def _fp_run(env):
-    root, args = env
-    fp = root / "runs" / "mini" / "wav2vec_librispeech" / "fp"
-    if not (fp / "model.safetensors").exists():
-        run("fp", args)
-    return fp
 
 
 def _qat4_args(env, out, per_device):
