@@ -15,6 +15,11 @@ from .linear import CompressedLinear, as_linear
 from .recipe import Recipe
 
 
+# what the compressed attention covers, for the messages that refuse a model
+COVERED = ("Hugging Face models that call the attention interface (transformers 5.x) and timm's Attention (ViT, "
+           "DeiT), Swin, BEiT, EVA and ViT-RoPE attention")
+
+
 @dataclass
 class Plan:
     compress: dict[str, tuple[int, int]] = field(default_factory=dict)  # linear -> (out, in): CompressedLinear
@@ -36,13 +41,11 @@ class Plan:
         if self.unsupported:
             other = [f"{n} ({cls})" for n, cls in self.unsupported]
             return (f"{len(other)} attention modules are of a kind the compressed attention does not cover, e.g. "
-                    f"{', '.join(other[:2])}; it covers Hugging Face models that call the attention interface "
-                    "(transformers 5.x) and timm's Attention (ViT, DeiT), Swin, BEiT, EVA and ViT-RoPE attention. "
-                    "Set quantize_attention: false to compress the linears only")
+                    f"{', '.join(other[:2])}; it covers {COVERED}. Set quantize_attention: false to compress the "
+                    "linears only")
         if not self.attention:
-            return ("quantize_attention=True but the model has no supported attention module (Hugging Face "
-                    "AttentionInterface models; timm's ViT, Swin, BEiT, EVA or ViT-RoPE attention); set it to "
-                    "false")
+            return (f"quantize_attention=True but the model has no supported attention module (the compressed "
+                    f"attention covers {COVERED}); set it to false")
         return None
 
     def summary(self) -> dict:
