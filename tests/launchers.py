@@ -1,8 +1,12 @@
 """Commands that start 2 local processes of an entry point, as users launch the pipelines on several GPUs."""
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,3 +37,19 @@ def process_env() -> dict:
     caller's PYTHONPATH kept after it (e.g. other library versions put in front of the venv's)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
+def run_launched(cmd: list[str], timeout: float = 600) -> str:
+    """Run a launch command from the repository root with `process_env()`; its output (stdout and stderr). Fails
+    the test, with the output's end, on a non-zero exit, or past `timeout` s after killing the launcher and all
+    its workers."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        output, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
+        output, _ = p.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n" + output[-3000:])
+    assert p.returncode == 0, output[-5000:]
+    return output

@@ -3,7 +3,6 @@ accelerate launch, with DDP and with the Trainer's FSDP2: masks and clips identi
 as a 1-process run with the same global batch (within float tolerance), an FSDP2 checkpoint resumed
 bit-identically, a 2-process checkpoint resumed in 1 process; `common` in a loop of its own under torch's
 fully_shard with bf16 compute."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import check_nm
-from launchers import process_env, two_processes
+from launchers import run_launched, two_processes
 from run_checks import assert_close_weights, assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +51,9 @@ def setup(tmp_path_factory):
 
 def _train(launch, root, common, out, per_device, *extra):
     """Run bert_squad.train with `launch` (the python or torchrun command that takes a module name)."""
-    env = process_env()
-    cmd = launch + ["bert_squad.train", "--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"),
-                    *common, f"output_dir={out}", f"train.per_device_train_batch_size={per_device}", *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    return run_launched(launch + ["bert_squad.train", "--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"),
+                                  *common, f"output_dir={out}", f"train.per_device_train_batch_size={per_device}",
+                                  *extra])
 
 
 PY = [sys.executable, "-m"]
@@ -188,9 +184,7 @@ def test_library_under_fully_shard_bf16(tmp_path, device):
     script, out = tmp_path / "worker.py", tmp_path / "state.pt"
     script.write_text(WORKER)
     n = min(2, torch.cuda.device_count()) if device == "cuda" else 2
-    r = subprocess.run(two_processes("torchrun", module=False, n=n) + [str(script), str(out), device], cwd=ROOT,
-                       env=process_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_launched(two_processes("torchrun", module=False, n=n) + [str(script), str(out), device])
     saved = torch.load(out)
     state, again = saved["state"], saved["again"]
     masks = {k[:-len(".mask")]: v for k, v in state.items() if k.endswith(".mask")}

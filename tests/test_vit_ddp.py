@@ -3,9 +3,6 @@ from a random init, so the ranks start from different weights and masks and only
 them agree; then a DistributedSampler epoch, KD off, a checkpoint with every rank's RNG state, and eval.py (one
 process) reproducing the sharded top-1."""
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from safetensors.torch import load_file
 
 from common import check_nm
 from common.runs import RunError
-from launchers import process_env, two_processes
+from launchers import run_launched, two_processes
 from run_checks import assert_close_weights
 from vit_imagenet import eval as vit_eval
 from vit_imagenet import train as vit_train
@@ -47,26 +44,12 @@ def _args(digits, out, *extra):
             "train.save_every=3", "train.keep_checkpoint=true", "compression.calib_batches=2", *extra]
 
 
-def _run(cmd, what):
-    env = process_env()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        output, _ = p.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its two workers
-        output, _ = p.communicate()
-        pytest.fail(f"{what} timed out:\n" + output[-3000:])
-    assert p.returncode == 0, output[-5000:]
-    return output
-
-
 @pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
 def test_two_processes(tmp_path, launch):
     digits = tmp_path / "digits"
     _tiny_tree(digits)
     out = tmp_path / "run"
-    output = _run(two_processes(launch) + _args(digits, out), launch)
+    output = run_launched(two_processes(launch) + _args(digits, out), timeout=180)
     assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_batch_size"] == 16 and m["train_steps"] == 6
@@ -89,14 +72,15 @@ def test_resume_on_another_world_size(tmp_path):
     digits = tmp_path / "digits"
     _tiny_tree(digits)
     nodrop = ["dropout.p=0.0"]
-    _run(two_processes("torchrun") + _args(digits, tmp_path / "cut", *nodrop, "interrupt_at_step=3"), "torchrun")
+    run_launched(two_processes("torchrun") + _args(digits, tmp_path / "cut", *nodrop, "interrupt_at_step=3"),
+                 timeout=180)
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     with pytest.raises(RunError, match="same global batch and step count"):  # another global batch: refused
         vit_train.main(_args(digits, tmp_path / "cut", *nodrop, "resume=true", "train.global_batch_size=8")[1:])
-    log = _run([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"), "resume")
+    log = run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"), timeout=180)
     assert "resumed at step 3 on 1 processes a checkpoint saved by 2" in log
     assert "world 1 x batch 8 x accumulation 2 = global batch 16" in log
-    _run([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop), "1 process")
+    run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop), timeout=180)
     assert_close_weights(*(load_file(str(tmp_path / d / "model.safetensors")) for d in ("cut", "full")))
     logged, full = ([r for r in json.loads((tmp_path / d / "log_history.json").read_text()) if "loss" in r]
                     for d in ("cut", "full"))

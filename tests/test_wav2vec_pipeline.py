@@ -2,8 +2,6 @@
 tiny LibriSpeech-layout tree of synthetic tones, in one process and in two (torchrun, accelerate launch); plus
 padding invariance of the compressed model."""
 import json
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +13,12 @@ import common
 from common import check_nm, compressed_linears
 from common.config import ConfigError
 from common.runs import RunError
-from launchers import process_env, two_processes
+from launchers import run_launched, two_processes
 from run_checks import assert_close_weights, assert_same_weights
 from tiny_models import tiny_wav2vec2_ctc
 from wav2vec_librispeech import eval as w2v_eval
 from wav2vec_librispeech import train as w2v_train
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = "wav2vec_librispeech/configs/mini/{}.yaml"
 WORDS = ["HE", "WAS", "ONE", "DAY", "IT", "IS", "SO", "NO", "WE", "GO"]
 METRIC_KEYS = ("wer_test_clean", "wer_test_other", "wer_dev_clean", "cer_test_clean", "cer_test_other")
@@ -225,9 +222,7 @@ def test_two_processes(env, launch):
     out = root / f"two_{launch}"
     cmd = two_processes(launch) + ["wav2vec_librispeech.train", "--config", CFG.format("qat4"),
                                    *_qat4_args(env, out, 2), "train.ddp_backend=gloo"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=process_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_launched(cmd)
     m = json.loads((out / "metrics.json").read_text())
     assert m["global_batch_size"] == 4 and m["train_steps"] == 3 and m["compression_ratio"] == 16.0
     a = load_file(str(out / "model.safetensors"))
