@@ -131,7 +131,6 @@ def main(argv=None) -> dict:
     build = model_builder(cfg)
 
     def calib_batches():
-        # global batches, identical on every rank, so clips do not depend on the number of processes
         loader = torch.utils.data.DataLoader(train_features.remove_columns(["start_positions", "end_positions"]),
                                              batch_size=args.per_device_train_batch_size * args.world_size
                                              * args.gradient_accumulation_steps, shuffle=False,
@@ -140,7 +139,8 @@ def main(argv=None) -> dict:
 
     resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
     model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume,
-                                          train_device=args.device)
+                                          train_device=args.device,
+                                          calib_micro_batch=args.per_device_train_batch_size)
     distiller = build_distiller(cfg, build)
     callbacks = stage_callbacks(cfg)
     trainer = make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller,

@@ -162,7 +162,7 @@ class CompressedLinear(nn.Linear):
     def forward(self, x):
         aq = self.input_quant
         if aq is not None and aq.observing:
-            aq.observe(x, aq.observing)
+            aq.observe(x)
             aq = None
         aspec = None if aq is None else (aq.bits, aq.zero_preserving, bool(aq.signed), aq.method == "pact+")
         # the Function sees rows and returns a tensor of its own, reshaped here: a view made inside an autograd

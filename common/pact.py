@@ -75,7 +75,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(True if signed is None else bool(signed)))
         self.fixed_sign = signed is not None
         self.observing = False
-        self._obs = None
+        self._obs, self._pending, self._piece, self._pct = None, [], None, 99.9
         self.register_load_state_dict_pre_hook(_clips_as_1d)
         self.register_load_state_dict_post_hook(_sync_after_load)
 
@@ -85,10 +85,27 @@ class ActQuantizer(nn.Module):
 
     # -- calibration -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, x: torch.Tensor, percentile: float) -> None:
+    def observe(self, x: torch.Tensor) -> None:
+        """Keep a strided subsample (at most 2^18 values) of this piece of the calibration batch.
+
+        `self._piece = (start, n, total)` (set by `common.calibrate`) says the piece holds samples [start,
+        start + n) of a batch of `total`: the stride and phase are then those of the whole batch's flattened
+        activation, so a batch observed in micro-batches keeps exactly the values one forward would keep."""
         flat = x.detach().reshape(-1).float()
-        if flat.numel() > 1 << 18:  # a strided subsample keeps percentile estimation cheap on long sequences
-            flat = flat[:: flat.numel() // (1 << 18) + 1]
+        start, n, total = self._piece or (0, 1, 1)
+        per = flat.numel() // n if flat.numel() % n == 0 else None  # batch-major layouts only
+        whole, offset = (per * total, per * start) if per is not None else (flat.numel(), 0)
+        stride = whole // (1 << 18) + 1 if whole > 1 << 18 else 1  # keeps percentile estimation cheap
+        self._pending.append(flat[(-offset) % stride:: stride])
+        self._pct = float(self.observing) if self.observing else 99.9
+
+    @torch.no_grad()
+    def end_batch(self) -> None:
+        """Add the percentiles of the batch observed since the last call to the running sums."""
+        if not self._pending:
+            return
+        flat = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, percentile = [], self._pct
         q = torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device)
         p_lo, p_hi = torch.quantile(flat, q) if percentile < 100 else (flat.min(), flat.max())
         mn = flat.min()
@@ -100,6 +117,7 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def finish_calibration(self) -> bool:
         """Set the clips from the mean per-batch percentiles. Returns False if nothing was observed."""
+        self.end_batch()
         if self._obs is None:
             return False
         s_lo, s_hi, mn, n = self._obs
@@ -118,7 +136,7 @@ class ActQuantizer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:  # the calibration percentile while calibrating, else False
-            self.observe(x, self.observing)
+            self.observe(x)
             return x
         return ActFakeQuant.apply(x, self.lo, self.hi, self.bits, self.zero_preserving, bool(self.signed),
                                   self.method == "pact+")

@@ -85,11 +85,16 @@ def masks_of(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, percentile: float | None = None,
-              forward=None, max_batches: int | None = None) -> int:
+              forward=None, max_batches: int | None = None, micro_batch: int | None = None, device=None) -> int:
     """Initialise every activation clip from data before QAT: mean over batches of the per-batch percentiles
     (lo from 100-p, hi from p; percentile 100 = min/max). Activations are observed unquantized, weights quantized.
 
     `batches`: dicts (passed as **kwargs), tuples (*args) or tensors; `forward(model, batch)` overrides that.
+    `micro_batch`: forward each batch in slices of that many samples (along dim 0 of its tensors) and take the
+    percentiles over the whole batch, the same values one forward of it gives (up to float rounding), in less
+    memory. So a pipeline calibrates on its global batch whatever its per-device batch. A quantizer called more
+    than once per forward (shared layers, as in ALBERT) takes its percentiles over all it saw in the batch.
+    `device`: move each slice's tensors there first (the batches may then stay on the CPU).
     Returns the number of batches used.
     """
     recipe = getattr(model, "compression_recipe", None)
@@ -107,23 +112,61 @@ def calibrate(model: nn.Module, batches: Iterable, percentile: float | None = No
         for batch in batches:
             if limit is not None and n >= limit:
                 break
-            if forward is not None:
-                forward(model, batch)
-            elif isinstance(batch, Mapping):  # dicts and HF BatchEncoding
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            for piece, where in _slices(batch, micro_batch):
+                for q in quants.values():
+                    q._piece = where
+                if device is not None:
+                    piece = _to(piece, device)
+                if forward is not None:
+                    forward(model, piece)
+                elif isinstance(piece, Mapping):  # dicts and HF BatchEncoding
+                    model(**piece)
+                elif isinstance(piece, (tuple, list)):
+                    model(*piece)
+                else:
+                    model(piece)
+            for q in quants.values():
+                q.end_batch()
             n += 1
     finally:
         for q in quants.values():
-            q.observing = False
+            q.observing, q._piece = False, None
     unseen = [name for name, q in quants.items() if not q.finish_calibration()]
     if n and unseen:
         warnings.warn(f"calibrate: {len(unseen)} activation quantizers saw no data, e.g. {unseen[:3]}")
     model.train(was_training)
     return n
+
+
+def _to(batch, device):
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return [_to(v, device) for v in batch]
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def _slices(batch, size: int | None):
+    """Yield (slice of `batch`, (start, n, total)) over dim 0 of its tensors; the whole batch if `size` covers
+    it or is None. Tensors of another leading size, and non-tensors, are passed to every slice whole."""
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    total = next((v.shape[0] for v in items if torch.is_tensor(v) and v.dim() > 0), None)
+    if size is None or total is None or total <= size:
+        yield batch, None
+        return
+
+    def cut(v, a, b):
+        return v[a:b] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total else v
+
+    for a in range(0, total, size):
+        b = min(a + size, total)
+        if isinstance(batch, Mapping):
+            piece = {k: cut(v, a, b) for k, v in batch.items()}
+        elif isinstance(batch, (tuple, list)):
+            piece = [cut(v, a, b) for v in batch]
+        else:
+            piece = cut(batch, a, b)
+        yield piece, (a, b - a, total)
 
 
 class FrozenCompressedLinear(nn.Module):

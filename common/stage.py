@@ -35,10 +35,13 @@ def _existing_dir(cfg: dict, key: str, value) -> Path:
 
 
 def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_batches: Callable[[], Iterable] | None,
-                      calib_forward=None, do_calibrate: bool = True, train_device=None):
+                      do_calibrate: bool = True, train_device=None, calib_micro_batch: int | None = None):
     """-> (model, init_state). `build_model()` returns the architecture with its starting weights
     (pre-trained from the hub/local path); `cfg["init_from"]` (a previous stage's run dir) replaces them.
-    Training on CPU (`train_device`), dropout.fast_cpu (default true) swaps in common.fast_dropout."""
+    `calib_batches()` yields global batches, the same on every rank, so the clips do not depend on the number of
+    processes; they are forwarded in slices of `calib_micro_batch` (the per-device batch) to bound memory, on
+    `train_device` (the model is moved there first). Training on CPU, dropout.fast_cpu (default true) swaps in
+    common.fast_dropout."""
     model = build_model()
     init_state = None
     masks = {}
@@ -52,7 +55,9 @@ def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_bat
     if recipe is not None:
         prepare(model, recipe, masks if recipe.nm else None)
         if do_calibrate and recipe.quantize_acts and recipe.calib_batches > 0 and calib_batches is not None:
-            calibrate(model, calib_batches(), forward=calib_forward)
+            if train_device is not None:
+                model.to(train_device)
+            calibrate(model, calib_batches(), micro_batch=calib_micro_batch, device=train_device)
     if (train_device is not None and torch.device(train_device).type == "cpu"
             and (cfg.get("dropout") or {}).get("fast_cpu", True)):
         use_fast_dropout(model)

@@ -53,6 +53,38 @@ def test_convert_equals_prepared_exactly(name, device):
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith((".lo", ".hi")))
 
 
+# batches big enough that some quantizer sees more than 2^18 values, so calibration subsamples them
+BIG_BATCHES = {"bert": lambda: bert_batch(70, 64), "wav2vec2": lambda: wav_batch(9, 2610),
+               "vit": lambda: torch.randn(1000, 3, 32, 32)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_calibration_in_micro_batches_equals_one_forward(name, device):
+    """A pipeline calibrates on its global batch in slices of its per-device batch: the clips must not depend on
+    the slicing (uneven slices too), or on where the strided subsample of a large activation falls. The batches
+    stay on the CPU; `device=` moves each slice to the model's device."""
+    build, _, _ = CASES[name]
+    torch.manual_seed(0)
+    base = build().eval()
+    batches = [BIG_BATCHES[name]() for _ in range(2)]
+    seen = []
+    hook = lambda q, args: seen.append(args[0].numel())  # noqa: E731
+    clips = {}
+    for micro in (None, 2, 3):
+        model = common.prepare(copy.deepcopy(base), common.Recipe()).to(device)
+        handles = [q.register_forward_pre_hook(hook) for q in common.act_quantizers(model).values()]
+        assert common.calibrate(model, batches, micro_batch=micro, device=device) == 2
+        for h in handles:
+            h.remove()
+        clips[micro] = {n: torch.cat([q.lo, q.hi, q.signed[None].float()]).cpu()
+                        for n, q in common.act_quantizers(model).items()}
+    assert max(seen) > 1 << 18
+    for micro in (2, 3):
+        assert clips[micro].keys() == clips[None].keys()
+        for n in clips[None]:
+            torch.testing.assert_close(clips[micro][n], clips[None][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_attention_quantization_changes_output_and_gets_gradients(name, device):
     build, batch_fn, _ = CASES[name]

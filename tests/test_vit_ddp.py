@@ -67,8 +67,8 @@ def test_two_processes(tmp_path, launch):
 
 def test_resume_on_another_world_size(tmp_path):
     """A checkpoint of 2 processes (batch 8 each) resumes in 1 process (batch 8, accumulation 2): the same global
-    batches in the same order, so without dropout it ends where an uninterrupted 1-process run ends (float
-    tolerance: DDP's average vs accumulation)."""
+    batches in the same order, so without dropout it ends where an uninterrupted 1-process run with batch 16 ends
+    (float tolerance: DDP's average vs one batch). The clips too: both calibrate on global batches."""
     digits = tmp_path / "digits"
     _tiny_tree(digits)
     nodrop = ["dropout.p=0.0"]
@@ -80,7 +80,8 @@ def test_resume_on_another_world_size(tmp_path):
     log = run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"), timeout=180)
     assert "resumed at step 3 on 1 processes a checkpoint saved by 2" in log
     assert "world 1 x batch 8 x accumulation 2 = global batch 16" in log
-    run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop), timeout=180)
+    run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop, "train.batch_size=16"),
+                 timeout=180)
     assert_close_weights(*(load_file(str(tmp_path / d / "model.safetensors")) for d in ("cut", "full")))
     logged, full = ([r for r in json.loads((tmp_path / d / "log_history.json").read_text()) if "loss" in r]
                     for d in ("cut", "full"))

@@ -333,16 +333,22 @@ def loader_kwargs(cfg: dict, d: Dist) -> dict:
                 generator=torch.Generator().manual_seed(0), persistent_workers=False)
 
 
-def calibration_batches(cfg: dict, calib_ds, d: Dist):
-    """The first `compression.calib_batches` batches of a fixed permutation of the training images (eval
-    transform), the same on every rank, as image tensors on the device."""
+def calibration_batches(cfg: dict, calib_ds, d: Dist, bs: int, micro: int):
+    """The first `compression.calib_batches` global batches (`bs` images) of a fixed permutation of the training
+    images (eval transform), the same on every rank, as image tensors on the device. Loaded `micro` images at a
+    time (the per-device batch), so the loader's workers hold no more than in training."""
     g = torch.Generator().manual_seed(int(cfg["train"]["seed"]))
     order = torch.randperm(len(calib_ds), generator=g).tolist()
-    bs = int(cfg["train"]["batch_size"])
     n = int((cfg.get("compression") or {}).get("calib_batches", 32))
-    loader = DataLoader(Subset(calib_ds, order[: n * bs]), batch_size=bs, shuffle=False, **loader_kwargs(cfg, d))
+    loader = DataLoader(Subset(calib_ds, order[: n * bs]), batch_size=micro, shuffle=False, **loader_kwargs(cfg, d))
+    parts = []
     for x, _ in loader:
-        yield to_device(x, cfg, d)
+        parts.append(to_device(x, cfg, d))
+        if sum(len(p) for p in parts) >= bs:
+            yield torch.cat(parts)
+            parts = []
+    if parts:
+        yield torch.cat(parts)
 
 
 def to_device(x: torch.Tensor, cfg: dict, d: Dist) -> torch.Tensor:

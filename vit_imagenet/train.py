@@ -204,10 +204,12 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     del probe
     n_train = len(data["train"]) if "train" in data else 0
     plan = batch_plan(cfg, d, n_train)
-    calib = (lambda: calibration_batches(cfg, data["calib"], d)) if "calib" in data else None
+    calib = ((lambda: calibration_batches(cfg, data["calib"], d, plan["global_batch"], plan["batch_size"]))
+             if "calib" in data else None)
     t_build = time.time()
     model, init_state = build_stage_model(cfg, lambda: create_model(cfg, pretrained=pretrained), calib,
-                                          do_calibrate=ckpt is None, train_device=d.device)
+                                          do_calibrate=ckpt is None, train_device=d.device,
+                                          calib_micro_batch=plan["batch_size"])
     model.to(d.device)
     if channels_last(cfg, d):
         model.to(memory_format=torch.channels_last)

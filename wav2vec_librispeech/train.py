@@ -250,17 +250,14 @@ def main(argv=None) -> dict:
     device = args.device
 
     def calib_batches():
-        # length-grouped batches (little padding: padded frames would skew the clip percentiles), seeded
-        order = length_grouped_batches(train_ds.lengths, args.per_device_train_batch_size, args.seed)
+        # length-grouped global batches (little padding: padded frames would skew the clip percentiles), seeded
+        order = length_grouped_batches(train_ds.lengths, global_batch, args.seed)
         return iter(torch.utils.data.DataLoader(train_ds, batch_sampler=order, collate_fn=CTCCollator(False)))
 
-    def calib_forward(model, batch):
-        model.to(device)  # calibrate on the accelerator when there is one
-        model(**{k: v.to(device) for k, v in batch.items()})
-
     resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
-    model, init_state = build_stage_model(cfg, build, calib_batches, calib_forward, do_calibrate=not resume,
-                                          train_device=device)
+    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume,
+                                          train_device=device,
+                                          calib_micro_batch=args.per_device_train_batch_size)
     if cfg.get("freeze_feature_encoder", True):
         model.freeze_feature_encoder()  # the conv feature encoder is not trained (paper: fine-tuning recipe)
     distiller = build_distiller(cfg, build)
