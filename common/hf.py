@@ -12,6 +12,7 @@ from .config import ConfigError
 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
+from . import sharding
 from .pact import clip_state_as_1d
 
 
@@ -78,14 +79,29 @@ class CompressionTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
         task_loss = outputs["loss"]
-        teacher = self.distiller.teacher
-        device = next(model.parameters()).device
-        if next(teacher.parameters()).device != device:
-            teacher.to(device)
+        self._place_teacher(model)
         teacher_out = self.distiller.teacher_outputs(**inputs)
         mask = self.kd_mask_fn(model, inputs, outputs) if self.kd_mask_fn else None
         loss = self.distiller(task_loss, outputs, teacher_out, mask)
         return (loss, outputs) if return_outputs else loss
+
+    def _place_teacher(self, model) -> None:
+        """Keep the teacher on the student's device. Once the Trainer's FSDP2 has sharded the student, shard the
+        teacher the same way (its layer classes and mixed precision), else every rank holds a whole copy (choice)."""
+        teacher, p = self.distiller.teacher, next(model.parameters())
+        if sharding.is_sharded(next(teacher.parameters())):
+            return
+        if next(teacher.parameters()).device != p.device:  # a DTensor's device is that of its shard
+            teacher.to(p.device)
+        if not sharding.is_sharded(p):
+            return
+        plugin = self.accelerator.state.fsdp_plugin
+        names = plugin.transformer_cls_names_to_wrap or getattr(teacher, "_no_split_modules", None)
+        units = sharding.shard_frozen(teacher, names, plugin.mixed_precision_policy)
+        held = sharding.local_fraction(teacher)
+        if self.is_world_process_zero():
+            print(f"[common.hf] KD teacher sharded with FSDP2 like the student: {units} units, rank 0 holds "
+                  f"{100 * held:.1f}% of its parameters", flush=True)
 
 
 def training_arguments(cfg: dict, out_dir) -> TrainingArguments:

@@ -3,6 +3,7 @@ accelerate launch, with DDP and with the Trainer's FSDP2: masks and clips identi
 as a 1-process run with the same global batch (within float tolerance), an FSDP2 checkpoint resumed
 bit-identically, a 2-process checkpoint resumed in 1 process; `common` in a loop of its own under torch's
 fully_shard with bf16 compute."""
+import re
 import sys
 from pathlib import Path
 
@@ -112,9 +113,12 @@ def fsdp2_run(setup):
 
 def test_fsdp2_two_processes_match_one_process(fsdp2_run, one_process):
     """The Trainer's FSDP2 shards the compressed model (clips are one-element tensors: fully_shard refuses 0-dim
-    ones), trains it like one process, saves the full state (masks and clips included) and the weight sample."""
+    ones), trains it like one process, saves the full state (masks and clips included) and the weight sample. The
+    KD teacher is sharded too (2 BertLayers + the root), and distils as the whole one does in one process."""
     out, log = fsdp2_run
     assert "effective batch 4 = 2 per device x 2 processes" in log
+    held = re.search(r"KD teacher sharded with FSDP2 like the student: 3 units, rank 0 holds ([\d.]+)%", log)
+    assert held and 50 <= float(held.group(1)) < 55
     assert_matches(out, one_process)
     assert (out / "weight_sample.npz").exists() and (out / "metrics.json").exists()
 
@@ -131,11 +135,12 @@ def test_fsdp2_resume_is_bit_identical(setup, fsdp2_run):
 
 
 WORKER = '''
-import os, sys, torch, torch.distributed as dist
+import copy, os, sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import BertConfig, BertForQuestionAnswering
 import common
+import common.sharding
 out, device = sys.argv[1], sys.argv[2]
 if device == "cuda":
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -169,8 +174,19 @@ m2 = sharded()
 set_model_state_dict(m2, dict(state) if rank == 0 else {}, options=StateDictOptions(full_state_dict=True,
                                                                                    broadcast_from_rank0=True))
 again = get_model_state_dict(m2, options=FULL)
+# a frozen KD teacher sharded for a loop of one's own: the same outputs as the whole model
+torch.manual_seed(3)
+whole = BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64)).to(device).eval()
+teacher = copy.deepcopy(whole).requires_grad_(False)
+units = common.sharding.shard_frozen(teacher, ["BertLayer"])
+ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5)).to(device)
+with torch.no_grad():
+    diff = max((whole(input_ids=ids).start_logits - teacher(input_ids=ids).start_logits).abs().max().item()
+               for _ in range(2))
+teacher_check = dict(units=units, held=common.sharding.local_fraction(teacher), diff=diff, world=dist.get_world_size())
 if rank == 0:
-    torch.save({"state": state, "again": again}, out)
+    torch.save({"state": state, "again": again, "teacher": teacher_check}, out)
 dist.destroy_process_group()
 '''
 
@@ -179,7 +195,8 @@ dist.destroy_process_group()
     not torch.cuda.is_available(), reason="no CUDA GPU (benchmarks/gpu_check.sh runs it where there is one)"))])
 def test_library_under_fully_shard_bf16(tmp_path, device):
     """`common` in a user's own loop under torch's FSDP2 with bf16 compute: trains, the full state keeps the 2:4
-    pattern and one-element clips, and loads back into a sharded model unchanged (masks reapplied per shard).
+    pattern and one-element clips, and loads back into a sharded model unchanged (masks reapplied per shard); a
+    frozen teacher sharded by `shard_frozen` gives the whole model's outputs.
     On CUDA: nccl, as many processes as GPUs up to 2."""
     script, out = tmp_path / "worker.py", tmp_path / "state.pt"
     script.write_text(WORKER)
@@ -195,3 +212,6 @@ def test_library_under_fully_shard_bf16(tmp_path, device):
     hi = [v for k, v in state.items() if k.endswith(".hi")]
     assert hi and all(v.shape == (1,) for v in hi)
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    teacher = saved["teacher"]  # common.sharding.shard_frozen: 2 BertLayers + the root, 1/world of the parameters
+    share = 1 / teacher["world"]
+    assert teacher["units"] == 3 and share <= teacher["held"] < share + 0.05 and teacher["diff"] < 1e-5, teacher
