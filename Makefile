@@ -9,6 +9,7 @@ QUICK ?= 0
 FORCE ?= 0
 ISOLATE ?= 0
 SEEDS ?= 1
+NPROC ?= 1
 PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
 
 .PHONY: test reproduce results venv clean-venv bench bench-gpu gpu-check
@@ -27,7 +28,7 @@ test: venv
 
 # The main job: every stage (and ablation) of every pipeline at SCALE, then results/ regenerated from the runs.
 reproduce: venv
-	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --isolate $(ISOLATE) --seeds $(SEEDS) --pipelines $(PIPELINES)
+	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --isolate $(ISOLATE) --seeds $(SEEDS) --nproc $(NPROC) --pipelines $(PIPELINES)
 
 results: venv
 	$(VPY) results/make_results.py $(RUNS_DIR) --out results

@@ -7,7 +7,8 @@ A stage whose run dir already has metrics.json and the same resolved config is s
 <stage>_seed<k>/, on the same upstream runs (the fp teacher, the init_from checkpoints of the default seed):
 results/seeds.md reports each stage's spread, and the ablation deltas against it.
 SCALE=paper first checks that every model and data set the configs name is reachable, and stops with a list of
-what is missing before anything runs.
+what is missing before anything runs. --nproc N (NPROC=N) runs each stage on N processes of one node with torchrun
+(TORCHRUN_ARGS adds flags); every stage keeps its configured global batch (common.config.split_global_batch).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import gc
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -137,9 +139,18 @@ def torch_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False, overrides: list[str] | None = None) -> int:
-    return call_main(f"{pipeline}.train", ["--config", str(config_path(pipeline, scale, stage)),
-                                           "overwrite_output_dir=true", *(overrides or [])], isolate)
+def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False, overrides: list[str] | None = None,
+              nproc: int = 1) -> int:
+    argv = ["--config", str(config_path(pipeline, scale, stage)), "overwrite_output_dir=true", *(overrides or [])]
+    if nproc > 1:
+        return subprocess.call(torchrun(nproc) + ["-m", f"{pipeline}.train", *argv], cwd=ROOT)
+    return call_main(f"{pipeline}.train", argv, isolate)
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The launcher of run_stage.sh (NPROC=N PIPELINE/train.sh), with the flags of TORCHRUN_ARGS."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            *shlex.split(os.environ.get("TORCHRUN_ARGS", ""))]
 
 
 def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: float, status: str,
@@ -183,9 +194,13 @@ def main(argv=None) -> int:
     ap.add_argument("--isolate", type=int, default=0, help="1: each stage and export in its own process")
     ap.add_argument("--seeds", type=int, default=1,
                     help="N > 1: also run every stage but fp with N-1 other seeds (results/seeds.md)")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="N > 1: each stage on N processes (torchrun, one node), keeping its global batch")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error(f"--seeds must be at least 1, got {a.seeds}")
+    if a.nproc < 1:
+        ap.error(f"--nproc must be at least 1, got {a.nproc}")
     isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
     pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
@@ -214,7 +229,7 @@ def main(argv=None) -> int:
                 continue
             print(f"[reproduce] {name}: running ...", flush=True)
             t0 = time.time()
-            rc = run_stage(p, a.scale, stage, isolate, overrides)
+            rc = run_stage(p, a.scale, stage, isolate, overrides, a.nproc)
             if rc == 0 and not k:  # the compression columns come from the default seed's export
                 export_if_quantized(cfg, p, isolate)
             elif rc:
@@ -222,7 +237,7 @@ def main(argv=None) -> int:
             secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[reproduce] {name}: {status} in {secs / 60:.1f} min", flush=True)
-            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate, k)
+            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"

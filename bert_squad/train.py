@@ -20,7 +20,7 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
                           DataCollatorWithPadding, default_data_collator)
 
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
-from common.hf import stage_callbacks, training_arguments as training_args  # noqa: E402
+from common.hf import global_batch_of, stage_callbacks, training_arguments as training_args  # noqa: E402
 from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.sharding import full_tensor  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
@@ -104,8 +104,7 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runti
     metrics = trainer.evaluate()  # every rank takes part; rank 0 writes
     task = {"exact_match": metrics["eval_exact_match"], "f1": metrics["eval_f1"]}
     out = stage_metrics(cfg, model, PIPELINE, "f1", True, task, steps, runtime)
-    out["effective_train_batch_size"] = (trainer.args.per_device_train_batch_size * trainer.args.world_size
-                                         * trainer.args.gradient_accumulation_steps)
+    out["effective_train_batch_size"] = global_batch_of(trainer.args)
     out["learning_rate"] = trainer.args.learning_rate
     save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())  # every rank (FSDP)
     if not trainer.is_world_process_zero():
@@ -132,8 +131,7 @@ def main(argv=None) -> dict:
 
     def calib_batches():
         loader = torch.utils.data.DataLoader(train_features.remove_columns(["start_positions", "end_positions"]),
-                                             batch_size=args.per_device_train_batch_size * args.world_size
-                                             * args.gradient_accumulation_steps, shuffle=False,
+                                             batch_size=global_batch_of(args), shuffle=False,
                                              collate_fn=collator(cfg, tokenizer))
         return iter(loader)
 
@@ -146,8 +144,8 @@ def main(argv=None) -> dict:
     trainer = make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_features, distiller,
                            callbacks)
     if is_main_process():
-        eff = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        print(f"[{PIPELINE}/{cfg['stage']}] effective batch {eff} = {args.per_device_train_batch_size} per device x "
+        print(f"[{PIPELINE}/{cfg['stage']}] effective batch {global_batch_of(args)} = "
+              f"{args.per_device_train_batch_size} per device x "
               f"{args.world_size} processes x {args.gradient_accumulation_steps} accumulation; lr {args.learning_rate}")
     t0 = time.time()
     steps = 0

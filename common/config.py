@@ -144,3 +144,29 @@ def stage_argv(argv, doc: str, pipeline: str, override_example: str) -> argparse
     ap.add_argument("--config", required=True, help=f"stage YAML, e.g. {pipeline}/configs/qat4.yaml")
     ap.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
     return ap.parse_args(argv)
+
+
+def split_global_batch(global_batch: int, per_device: int, accum: int | None, world: int,
+                       source: str) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation) that make `global_batch` on `world` processes, so a paper-scale
+    stage keeps its global batch on any number of GPUs (choice). `accum` given: checked. `accum` None: derived;
+    a configured per-device batch larger than the global batch's share of one process is lowered to that share.
+    `source` ("FILE: key") starts the error messages."""
+    if global_batch < 1 or per_device < 1:
+        raise ConfigError(f"{source} {global_batch} and a per-device batch of {per_device} must be positive")
+    if accum is not None:
+        if per_device * int(accum) * world != global_batch:
+            raise ConfigError(f"{source} {global_batch} != per-device batch {per_device} x accumulation {accum} x "
+                              f"{world} processes; set the accumulation to null to derive it, or change the batch")
+        return per_device, int(accum)
+    if global_batch % world:
+        fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise ConfigError(f"{source} {global_batch} does not split over {world} processes; run {fits} processes, "
+                          f"or change the global batch")
+    share = global_batch // world
+    if per_device >= share:
+        return share, 1
+    if share % per_device:
+        raise ConfigError(f"{source} {global_batch} over {world} processes is {share} per process, not a multiple "
+                          f"of the per-device batch {per_device}; change the per-device batch or set the accumulation")
+    return per_device, share // per_device

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from .config import ConfigError
+from .config import ConfigError, split_global_batch
 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
@@ -104,10 +104,24 @@ class CompressionTrainer(Trainer):
                   f"{100 * held:.1f}% of its parameters", flush=True)
 
 
+def global_batch_of(args: TrainingArguments) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+
 def training_arguments(cfg: dict, out_dir) -> TrainingArguments:
-    """TrainingArguments from the config's `train` section, with DDP guaranteed under a multi-process launch."""
+    """TrainingArguments from the config's `train` section, with DDP guaranteed under a multi-process launch.
+    A top-level `global_batch_size` is kept on any number of processes (`common.config.split_global_batch`):
+    `train.gradient_accumulation_steps: null` derives the accumulation (and lowers a per-device batch larger than
+    a process's share); a given one is checked."""
     kw = dict(cfg["train"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.get("global_batch_size"):
+        kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"] = split_global_batch(
+            int(cfg["global_batch_size"]), int(kw.get("per_device_train_batch_size", 8)),
+            kw.get("gradient_accumulation_steps"), world, f"{cfg['config_file']}: global_batch_size")
+    elif kw.get("gradient_accumulation_steps") is None:
+        kw["gradient_accumulation_steps"] = 1
+    if world > 1 and not torch.accelerator.is_available():
         # Multi-process launch (torchrun) on a machine without an accelerator: unless use_cpu is set, Accelerate
         # starts the gloo group and shards the batches but leaves distributed_type NO, so the model is not wrapped
         # in DDP and every rank trains alone on its shard (no gradient all-reduce). use_cpu selects MULTI_CPU + DDP.

@@ -31,7 +31,7 @@ def env(tmp_path_factory):
     common = [f"model_name_or_path={model_dir}", "from_config=true", f"runs_dir={root / 'runs'}",
               f"data.train_file={data / 'train.json'}", f"data.validation_file={data / 'dev.json'}",
               "data.generate_mini=null", "train.max_steps=3", "train.per_device_train_batch_size=4",
-              "train.logging_steps=1"]
+              "global_batch_size=4", "train.logging_steps=1"]
     return root, common
 
 

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     m.save_pretrained(fp)
     common = [f"model_name_or_path={model_dir}", "from_config=true", f"data.train_file={data / 'train.json'}",
               f"data.validation_file={data / 'dev.json'}", "data.generate_mini=null", "train.max_steps=3",
-              "train.logging_steps=1", f"init_from={fp}", f"kd.teacher={fp}", "dropout.p=0.0",
+              "train.logging_steps=1", f"init_from={fp}", f"kd.teacher={fp}", "dropout.p=0.0", "global_batch_size=4",
               "compression.calib_batches=2", "train.learning_rate=1e-3",
               "train.warmup_steps=0", "train.dataloader_num_workers=0", "train.disable_tqdm=true",
               "train.train_sampling_strategy=sequential",  # the same samples form each global batch
@@ -87,7 +87,8 @@ def assert_matches(two_proc_dir, one):
 @pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
 def test_two_process_gloo_matches_one_process(setup, one_process, launch):
     root, common = setup
-    log2 = _train(two_processes(launch), root, common, root / f"ddp2_{launch}", 2, "train.ddp_backend=gloo")
+    # the 1-process command as it is: the global batch of 4 is kept, 4 per device lowered to 2
+    log2 = _train(two_processes(launch), root, common, root / f"ddp2_{launch}", 4, "train.ddp_backend=gloo")
     assert "effective batch 4 = 2 per device x 2 processes" in log2
     assert_matches(root / f"ddp2_{launch}", one_process)
 

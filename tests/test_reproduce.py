@@ -1,4 +1,6 @@
 """reproduce.py: stage selection, skip-if-done with an unchanged config, paper-scale input checks."""
+import json
+
 import pytest
 import yaml
 
@@ -58,7 +60,6 @@ def test_in_process_stage_failures_are_reported_not_fatal(tmp_path, monkeypatch,
 def test_main_records_stage_times_and_failures(tmp_path, monkeypatch):
     """main() with the stages stubbed: each stage's time and status land in reproduce_times.json, a failed stage
     makes the exit status 1 without stopping the others, and the tables step is called on the runs dir."""
-    import json
     calls, tables = [], []
 
     def fake_call_main(module, argv, isolate):
@@ -75,6 +76,30 @@ def test_main_records_stage_times_and_failures(tmp_path, monkeypatch):
     assert times["bert_squad/qat4"]["status"] == "FAILED (exit 1)" and times["bert_squad/fp"]["status"] == "ok"
     assert all(t["main_row"] and t["in_process"] for t in times.values())
     assert tables and str(tmp_path) in tables[0]
+
+
+def test_nproc_launches_every_stage_with_torchrun(tmp_path, monkeypatch):
+    """NPROC=N: each stage through torchrun on N processes (TORCHRUN_ARGS passed on), the same stage config and
+    overrides as in process; the export and the tables stay single-process."""
+    launched = []
+    monkeypatch.setattr(reproduce, "call_main", lambda *a: pytest.fail("a stage ran in process"))
+    monkeypatch.setattr(reproduce, "export_if_quantized", lambda *a, **k: None)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHRUN_ARGS", "--master_port 29511")
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet",
+                           "--nproc", "2"]) == 0
+    stages, tables = launched[:-1], launched[-1]
+    assert len(stages) == 4 and "make_results.py" in tables[1]
+    for cmd, stage in zip(stages, reproduce.MAIN):
+        assert cmd[1:9] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29511", "-m",
+                            "vit_imagenet.train"]
+        assert cmd[9:] == ["--config", str(reproduce.config_path("vit_imagenet", "mini", stage)),
+                           "overwrite_output_dir=true"]
+    times = json.loads((tmp_path / "mini" / "reproduce_times.json").read_text())
+    assert not any(t["in_process"] for t in times.values())
+    with pytest.raises(SystemExit):
+        reproduce.main(["--nproc", "0"])
 
 
 def test_seeds_rerun_every_stage_but_fp_into_their_own_dirs(tmp_path, monkeypatch):

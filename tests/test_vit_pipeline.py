@@ -35,8 +35,8 @@ def tiny(runs_dir, digits, *extra):
     """Overrides that shrink a mini stage to a tiny ViT, a few steps and small data subsets."""
     return [f"runs_dir={runs_dir}", f"data.data_dir={digits}", "data.make_mini_digits=false",
             "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.train_subset=64",
-            "data.val_subset=40", "train.batch_size=8", "train.max_steps=4", "train.log_every=2",
-            "train.eval_every=2", "train.eval_subset=16", *extra]
+            "data.val_subset=40", "train.batch_size=8", "train.global_batch_size=8", "train.max_steps=4",
+            "train.log_every=2", "train.eval_every=2", "train.eval_subset=16", *extra]
 
 
 def train(stage, runs_dir, digits, *extra):
@@ -128,7 +128,8 @@ def test_resume_is_bit_identical(chain, digits, tmp_path):
     while the clips were 0-dim."""
     base, _ = chain
     runs = base.parent.parent
-    common = ["train.max_steps=6", "train.batch_size=4", "train.grad_accum_steps=2", "train.log_every=1",
+    common = ["train.max_steps=6", "train.batch_size=4", "train.global_batch_size=8", "train.grad_accum_steps=2",
+              "train.log_every=1",
               "train.eval_every=5"]
     full = train("qat4", runs, digits, *common, f"output_dir={tmp_path / 'full'}")
     part = train("qat4", runs, digits, *common, f"output_dir={tmp_path / 'part'}", "interrupt_at_step=3")
@@ -210,5 +211,8 @@ def test_stage_configs_consistent():
     d.world = 8
     plan = vit_train.batch_plan(cfg, d, 1_281_167)
     assert (plan["accum"], plan["global_batch"], plan["steps_per_epoch"]) == (1, 512, 2502)
+    d.world = 16  # two nodes: 64 per device would make 1024, so the per-device batch is lowered to 32
+    plan = vit_train.batch_plan(cfg, d, 1_281_167)
+    assert (plan["batch_size"], plan["accum"], plan["global_batch"], plan["steps_per_epoch"]) == (32, 1, 512, 2502)
     with pytest.raises(ConfigError, match="global_batch_size 512"):
         vit_train.batch_plan(load_stage_config(paper_dir / "qat4.yaml", ["train.batch_size=48"]), Dist("cpu"), 1000)

@@ -247,8 +247,8 @@ def test_bad_inputs_fail_clearly(env, tmp_path):
     with pytest.raises(RunError, match="overwrite_output_dir"):
         run("fp", args, f"output_dir={busy}")
     assert (busy / "keep.txt").read_text() == "user data"
-    with pytest.raises(ConfigError, match="global_batch_size"):
-        run("fp", args, "global_batch_size=32", f"output_dir={tmp_path / 'c'}")
+    with pytest.raises(ConfigError, match="global_batch_size 32 != per-device batch 4 x accumulation 1"):
+        run("fp", args, "global_batch_size=32", "train.gradient_accumulation_steps=1", f"output_dir={tmp_path / 'c'}")
     with pytest.raises(ValueError, match="dev-other"):
         run("fp", args, "data.eval_splits=[test-other,dev-other]", f"output_dir={tmp_path / 'd'}")
     with pytest.raises(RunError, match="config.yaml"):

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from common import ScheduledDropout, compression_summary  # noqa: E402
 from common.pact import clip_state_as_1d, fix_one_sided_clips  # noqa: E402
-from common.config import ConfigError, save_config, stage_argv  # noqa: E402
+from common.config import ConfigError, save_config, split_global_batch, stage_argv  # noqa: E402
 from common.recipe import RecipeError  # noqa: E402
 from common.runs import (RunError, find_model_file, prepare_output_dir, save_weight_sample,  # noqa: E402
                          stage_metrics, write_json)
@@ -56,18 +56,10 @@ def batch_plan(cfg: dict, d: Dist, n_train: int) -> dict:
     t = cfg["train"]
     bs, world = int(t["batch_size"]), d.world
     accum, glob = t.get("grad_accum_steps"), t.get("global_batch_size")
-    if accum is None:
-        if glob is None:
-            accum = 1
-        elif glob % (bs * world):
-            raise ConfigError(f"{cfg['config_file']}: train.global_batch_size {glob} is not a multiple of "
-                              f"batch_size {bs} x world size {world}; set train.grad_accum_steps or the batch size")
-        else:
-            accum = glob // (bs * world)
-    accum = max(1, int(accum))
-    if glob is not None and glob != bs * accum * world:
-        raise ConfigError(f"{cfg['config_file']}: train.global_batch_size {glob} != batch_size {bs} x "
-                          f"grad_accum_steps {accum} x world size {world}")
+    if glob is None:
+        accum = max(1, int(accum or 1))
+    else:
+        bs, accum = split_global_batch(int(glob), bs, accum, world, f"{cfg['config_file']}: train.global_batch_size")
     per_rank = math.ceil(n_train / world)  # DistributedSampler pads to a multiple of the world size
     spe = per_rank // (bs * accum)  # incomplete last step of an epoch is dropped
     if spe == 0 and (t.get("max_steps") or t.get("epochs")):

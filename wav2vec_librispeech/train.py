@@ -19,11 +19,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import (TrainingArguments, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,  # noqa: E402
+from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,  # noqa: E402
                           Wav2Vec2Processor)
 
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
-from common.hf import stage_callbacks  # noqa: E402
+from common.hf import global_batch_of, stage_callbacks  # noqa: E402
 from common.hf import training_arguments as training_args  # noqa: E402
 from common.runs import prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
@@ -164,19 +164,6 @@ def make_processor(out_dir: Path, sampling_rate: int) -> Wav2Vec2Processor:
     return Wav2Vec2Processor(feature_extractor=fe, tokenizer=make_tokenizer(str(out_dir)))
 
 
-def check_global_batch(cfg: dict, args: TrainingArguments) -> int:
-    """Paper: global batch 32 = per-device batch x gradient accumulation x world size."""
-    got = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-    want = cfg.get("global_batch_size")
-    if want and got != want:
-        raise ConfigError(
-            f"{cfg['config_file']}: per_device_train_batch_size {args.per_device_train_batch_size} x "
-            f"gradient_accumulation_steps {args.gradient_accumulation_steps} x world size {args.world_size} = {got}, "
-            f"but global_batch_size is {want}; change train.gradient_accumulation_steps (or the per-device batch), "
-            f"or set global_batch_size=null to allow any")
-    return got
-
-
 def make_trainer(cfg, model, args, processor, train_ds, eval_sets, distiller=None, callbacks=()):
     dev = next((s for s in eval_sets if s.startswith("dev")), next(iter(eval_sets), None))
     return CTCTrainer(model=model, args=args, train_dataset=train_ds,
@@ -233,7 +220,7 @@ def main(argv=None) -> dict:
                           f"model then writes in place (an autograd error). wav2vec2-large fits on every GPU: use DDP "
                           f"(drop train.fsdp; NPROC=N and train.gradient_accumulation_steps keep the global batch)")
     args = training_args(cfg, Path(cfg["output_dir"]))
-    global_batch = check_global_batch(cfg, args)
+    global_batch = global_batch_of(args)
     # torchrun: the main process checks/creates the run dir, synthesizes or exports the data and writes vocab.json
     # first; the other ranks then read what it wrote (multi-node: output_dir and data on a shared file system)
     with args.main_process_first(local=False, desc="run dir and data"):

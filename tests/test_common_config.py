@@ -1,0 +1,33 @@
+"""common.config.split_global_batch: the per-device batch and accumulation that keep a stage's global batch on any
+number of processes (the paper's 12 / 32 / 512), and clear errors where it cannot be kept."""
+import pytest
+
+from common.config import ConfigError, split_global_batch
+
+
+@pytest.mark.parametrize("glob, per_device, world, expected", [
+    (12, 12, 1, (12, 1)), (12, 12, 4, (3, 1)), (12, 12, 6, (2, 1)), (12, 3, 2, (3, 2)),  # BERT
+    (32, 8, 1, (8, 4)), (32, 8, 2, (8, 2)), (32, 8, 4, (8, 1)), (32, 8, 8, (4, 1)), (32, 8, 32, (1, 1)),  # wav2vec2
+    (512, 64, 1, (64, 8)), (512, 64, 8, (64, 1)), (512, 64, 16, (32, 1)), (512, 64, 128, (4, 1)),  # ViT
+])
+def test_accumulation_is_derived(glob, per_device, world, expected):
+    per, accum = split_global_batch(glob, per_device, None, world, "cfg.yaml: global_batch_size")
+    assert (per, accum) == expected and per * accum * world == glob
+
+
+def test_given_accumulation_is_checked():
+    assert split_global_batch(32, 8, 4, 1, "x") == (8, 4)
+    with pytest.raises(ConfigError, match=r"cfg.yaml: global_batch_size 32 != per-device batch 8 x accumulation 4 "
+                                          r"x 2 processes"):
+        split_global_batch(32, 8, 4, 2, "cfg.yaml: global_batch_size")
+
+
+def test_what_cannot_be_kept_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError, match=r"global_batch_size 12 does not split over 8 processes; run "
+                                          r"\[1, 2, 3, 4, 6, 12\] processes"):
+        split_global_batch(12, 12, None, 8, "cfg.yaml: global_batch_size")
+    with pytest.raises(ConfigError, match="512 over 1 processes is 512 per process, not a multiple of the "
+                                          "per-device batch 48"):
+        split_global_batch(512, 48, None, 1, "cfg.yaml: train.global_batch_size")
+    with pytest.raises(ConfigError, match="must be positive"):
+        split_global_batch(32, 0, None, 1, "x")
