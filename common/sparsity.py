@@ -8,7 +8,7 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     Magnitude criterion and grouping along the input dimension follow NVIDIA's 2:4 layout (and IBM's library).
     Ties are broken by position (the earlier weight is kept), so the mask is deterministic.
     """
-    out_f, in_f = weight.shape[0], weight.shape[-1]
+    in_f = weight.shape[-1]
     if in_f % m:
         raise ValueError(f"input dimension {in_f} is not a multiple of M={m}; cannot apply {n}:{m} sparsity")
     groups = weight.detach().abs().reshape(-1, m)

@@ -1,6 +1,5 @@
 """Smoke tests of the real bert_squad entry points on a tiny BERT and a small generated mini-SQuAD."""
 import json
-import shutil
 
 import pytest
 import torch

@@ -42,7 +42,7 @@ def test_deterministic_and_seeded():
 
 
 def test_entities_disjoint_and_unseen(default_splits):
-    (train, train_names), (dev, dev_names) = default_splits["train"], default_splits["dev"]
+    (train, train_names), (_, dev_names) = default_splits["train"], default_splits["dev"]
     assert not set(train_names) & set(dev_names)
     train_text = " ".join(c + " " + q["question"] for c, q in _questions(train))
     # every dev entity is a new string (the bare word, without a shared suffix like "River")
