@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import expand_paths, load_config  # noqa: E402
+from common.config import ConfigError, expand_paths, load_config, split_global_batch  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
@@ -77,6 +77,26 @@ def is_done(cfg: dict) -> bool:
     except yaml.YAMLError:
         return False
     return comparable(saved) == comparable(cfg)
+
+
+def batch_problems(pipeline: str, scale: str, stages: list[str], nproc: int) -> list[str]:
+    """The stages whose global batch cannot be kept on `nproc` processes, found before anything runs."""
+    problems = []
+    for stage in stages:
+        cfg = resolved(pipeline, scale, stage)
+        t = cfg["train"]
+        if "global_batch_size" in t:  # ViT's own loop
+            glob, per, accum, key = t["global_batch_size"], t["batch_size"], t.get("grad_accum_steps"), \
+                "train.global_batch_size"
+        else:  # the HF Trainer pipelines
+            glob, per, accum, key = cfg.get("global_batch_size"), t.get("per_device_train_batch_size", 8), \
+                t.get("gradient_accumulation_steps"), "global_batch_size"
+        try:
+            if glob:
+                split_global_batch(int(glob), int(per), accum, nproc, f"{pipeline}/{stage}: {key}")
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
 
 
 def missing_inputs(pipeline: str, scale: str) -> list[str]:
@@ -206,6 +226,13 @@ def main(argv=None) -> int:
     pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
     for p in set(a.pipelines) - set(pipelines):
         print(f"[reproduce] {p}: no train.py yet, skipped")
+    problems = [m for p in pipelines for m in batch_problems(p, a.scale, stages_of(p, a.scale, bool(a.quick)),
+                                                             a.nproc)]
+    if problems:
+        print(f"[reproduce] NPROC={a.nproc} cannot keep every stage's global batch:\n  " + "\n  ".join(problems)
+              + "\nrun such a pipeline on its own with an NPROC that divides its global batch (e.g. PIPELINES=bert_squad "
+              "NPROC=4), or change its global_batch_size", file=sys.stderr)
+        return 2
     if a.scale == "paper":
         problems = [m for p in pipelines for m in missing_inputs(p, a.scale)]
         if problems:

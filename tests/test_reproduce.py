@@ -102,6 +102,19 @@ def test_nproc_launches_every_stage_with_torchrun(tmp_path, monkeypatch):
         reproduce.main(["--nproc", "0"])
 
 
+def test_nproc_that_cannot_keep_a_global_batch_stops_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """Paper scale on 8 GPUs: BERT's global batch of 12 does not split over 8 processes; every such stage is listed
+    with the process counts that work, and nothing is launched (wav2vec2's 32 and ViT's 512 would be kept)."""
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda *a, **k: pytest.fail("something was launched"))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    assert reproduce.main(["--scale", "paper", "--runs-dir", str(tmp_path), "--nproc", "8", "--quick", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bert_squad/qat4: global_batch_size 12 does not split over 8 processes; run [1, 2, 3, 4, 6, 12]" in err
+    assert "vit_imagenet" not in err and "wav2vec" not in err and "PIPELINES=bert_squad NPROC=4" in err
+    assert reproduce.batch_problems("wav2vec_librispeech", "paper", reproduce.MAIN, 8) == []
+    assert len(reproduce.batch_problems("vit_imagenet", "paper", reproduce.MAIN, 3)) == 4
+
+
 def test_seeds_rerun_every_stage_but_fp_into_their_own_dirs(tmp_path, monkeypatch):
     """--seeds 3 with the stages stubbed: the default seeds first, then two more seeds of every stage but fp, each
     with its own seed, dir and seed_repeat; a finished extra seed is skipped on the next call."""
