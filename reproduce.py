@@ -230,8 +230,8 @@ def main(argv=None) -> int:
                                                              a.nproc)]
     if problems:
         print(f"[reproduce] NPROC={a.nproc} cannot keep every stage's global batch:\n  " + "\n  ".join(problems)
-              + "\nrun such a pipeline on its own with an NPROC that divides its global batch (e.g. PIPELINES=bert_squad "
-              "NPROC=4), or change its global_batch_size", file=sys.stderr)
+              + "\nrun such a pipeline on its own with an NPROC that divides its global batch (e.g. "
+              "PIPELINES=bert_squad NPROC=4), or change its global_batch_size", file=sys.stderr)
         return 2
     if a.scale == "paper":
         problems = [m for p in pipelines for m in missing_inputs(p, a.scale)]

@@ -8,11 +8,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
+from . import sharding
 from .config import ConfigError, split_global_batch
-
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
-from . import sharding
 from .pact import clip_state_as_1d
 
 
@@ -105,6 +104,7 @@ class CompressionTrainer(Trainer):
 
 
 def global_batch_of(args: TrainingArguments) -> int:
+    """Samples per optimizer step: per-device batch x accumulation x processes."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
 
 
