@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one command (issue #9): the library's tests on the GPU (those taking the
-# `device` fixture, the 2:4 semi-structured ones, `common` under FSDP2 with nccl), then benchmarks/bench_gpu.py.
-# Needs a CUDA GPU and the packages of requirements.txt (datasets, jiwer and soundfile are not used). ~8-10 min on
-# an H200.
+# `device` fixture, the 2:4 semi-structured ones, `common` under FSDP2 with nccl, and BERT's Trainer FSDP2 with the
+# KD teacher sharded where `datasets` is installed), then benchmarks/bench_gpu.py.
+# Needs a CUDA GPU and the packages of requirements.txt (jiwer and soundfile are not used; without datasets the
+# pipeline test is skipped). ~8-10 min on an H200.
 #   bash benchmarks/gpu_check.sh        # PY: the interpreter (default .venv/bin/python, else python3)
 #                                       # OUT: where the logs and records go (default results/gpu_check)
 # Then, where results/ lives: cat OUT/benchmarks_gpu.jsonl >> results/benchmarks_gpu.jsonl &&

@@ -135,6 +135,25 @@ def test_fsdp2_resume_is_bit_identical(setup, fsdp2_run):
     assert_same_weights(fsdp2_run[0], root / "resumed")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (benchmarks/gpu_check.sh runs it where there is one)")
+def test_fsdp2_pipeline_on_cuda(setup):
+    """The Trainer's own FSDP2 path on GPUs (nccl, bf16 mixed precision; no CPU shim), on as many processes as GPUs up
+    to 2: it trains with the KD teacher sharded and saves the full state, 2:4 masks and one-element clips included."""
+    pytest.importorskip("datasets")  # the BERT pipeline's data loading
+    root, common = setup
+    n = min(2, torch.cuda.device_count())
+    out = root / "fsdp2_cuda"
+    log = _train(two_processes("torchrun", n=n), root, common, out, 4, "train.fsdp=true", "train.bf16=true",
+                 "train.fsdp_config={transformer_layer_cls_to_wrap: [BertLayer]}")
+    assert f"effective batch 4 = {4 // n} per device x {n} processes" in log
+    assert "KD teacher sharded with FSDP2 like the student: 3 units" in log
+    state = load_file(str(out / "model.safetensors"))
+    masks = [k for k in state if k.endswith(".mask")]
+    assert masks and all(check_nm(state[k[:-len(".mask")] + ".weight"]) for k in masks)
+    assert all(v.shape == (1,) for k, v in state.items() if k.endswith((".lo", ".hi")))
+    assert (out / "metrics.json").exists()
+
+
 WORKER = '''
 import copy, os, sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
