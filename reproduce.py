@@ -174,7 +174,7 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: float, status: str,
-                isolate: bool, repeat: int = 0) -> None:
+                isolate: bool, repeat: int = 0, nproc: int = 1) -> None:
     """RUNS_DIR/<scale>/reproduce_times.json: the wall time of each stage's last run through this script (train,
     evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs."""
     from common.runs import hardware
@@ -185,7 +185,7 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
         times = {}
     times[f"{pipeline}/{stage}{seed_suffix(repeat)}"] = {
         "pipeline": pipeline, "stage": stage, "main_row": stage in MAIN and not repeat, "seconds": round(seconds, 1),
-        "status": status, "hardware": hardware(), "in_process": not isolate,
+        "status": status, "hardware": hardware(nproc), "in_process": not isolate,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **({"seed_repeat": repeat} if repeat else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times, indent=1) + "\n")
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
             secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[reproduce] {name}: {status} in {secs / 60:.1f} min", flush=True)
-            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k)
+            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k, a.nproc)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"

@@ -100,11 +100,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware() -> str:
+def hardware(world: int | None = None) -> str:
+    """The machine, for metrics.json; `world` (default: torchrun's WORLD_SIZE) > 1 says how many processes ran."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
-        return f"{n}x {torch.cuda.get_device_name(0)}"
-    return f"CPU {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        machine = f"{n}x {torch.cuda.get_device_name(0)}"
+    else:
+        machine = f"CPU {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{world} processes on {machine}" if world > 1 else machine
 
 
 def stage_metrics(cfg: dict, model: torch.nn.Module, pipeline: str, main_metric: str, higher_is_better: bool,

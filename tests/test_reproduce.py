@@ -98,6 +98,7 @@ def test_nproc_launches_every_stage_with_torchrun(tmp_path, monkeypatch):
                            "overwrite_output_dir=true"]
     times = json.loads((tmp_path / "mini" / "reproduce_times.json").read_text())
     assert not any(t["in_process"] for t in times.values())
+    assert all(t["hardware"].startswith("2 processes on ") for t in times.values())
     with pytest.raises(SystemExit):
         reproduce.main(["--nproc", "0"])
 

@@ -53,6 +53,7 @@ def test_two_processes(tmp_path, launch):
     assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_batch_size"] == 16 and m["train_steps"] == 6
+    assert m["hardware"].startswith("2 processes on CPU ")
     assert m["eval_samples"] == 37  # sharded without padding: every image counted once
     state = load_file(str(out / "model.safetensors"))
     masks = [k for k in state if k.endswith(".mask")]

@@ -226,6 +226,7 @@ def test_two_processes(env, launch):
     run_launched(cmd)
     m = json.loads((out / "metrics.json").read_text())
     assert m["global_batch_size"] == 4 and m["train_steps"] == 3 and m["compression_ratio"] == 16.0
+    assert m["hardware"].startswith("2 processes on ")
     a = load_file(str(out / "model.safetensors"))
     assert sum(k.endswith(".mask") for k in a) == 12
     assert_close_weights(a, load_file(str(one / "model.safetensors")))
