@@ -138,11 +138,19 @@ def calibrate(model: nn.Module, batches: Iterable, percentile: float | None = No
     return n
 
 
-def _to(batch, device):
+def _map(batch, fn):
+    """`fn` over the values of a batch given as a mapping or a tuple/list (mappings become dicts, tuples lists), or
+    over the batch itself."""
     if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: fn(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return [_to(v, device) for v in batch]
+        return [fn(v) for v in batch]
+    return fn(batch)
+
+
+def _to(batch, device):
+    if isinstance(batch, (Mapping, tuple, list)):
+        return _map(batch, lambda v: _to(v, device))
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
@@ -160,13 +168,7 @@ def _slices(batch, size: int | None):
 
     for a in range(0, total, size):
         b = min(a + size, total)
-        if isinstance(batch, Mapping):
-            piece = {k: cut(v, a, b) for k, v in batch.items()}
-        elif isinstance(batch, (tuple, list)):
-            piece = [cut(v, a, b) for v in batch]
-        else:
-            piece = cut(batch, a, b)
-        yield piece, (a, b - a, total)
+        yield _map(batch, lambda v: cut(v, a, b)), (a, b - a, total)
 
 
 class FrozenCompressedLinear(nn.Module):

@@ -259,8 +259,8 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
         saved = ckpt.get("plan", {})
         if any(saved.get(k) != plan[k] for k in ("global_batch", "total_steps", "steps_per_epoch")):
             raise RunError(f"{ckpt_path}: saved with {saved}, but this run has {plan}; resume with the same global "
-                           f"batch and step count (the world size may change: set train.batch_size or "
-                           f"train.grad_accum_steps so that the global batch stays {saved.get('global_batch')})")
+                           f"batch and step count (global batch {saved.get('global_batch')}; the number of processes "
+                           f"may change, the global batch is kept across it)")
         if pos and pos.get("epoch") != step // max(1, plan["steps_per_epoch"]):
             raise RunError(f"{ckpt_path}: inconsistent data position {pos} at step {step}")
         saved_world = len(ckpt["rng_per_rank"])

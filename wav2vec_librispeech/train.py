@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
                           f"wrapping asks Wav2Vec2ForCTC for input embeddings (transformers raises NotImplementedError)"
                           f" and takes the Wav2Vec2EncoderStableLayerNorm encoder for the final norm, whose input the "
                           f"model then writes in place (an autograd error). wav2vec2-large fits on every GPU: use DDP "
-                          f"(drop train.fsdp; NPROC=N and train.gradient_accumulation_steps keep the global batch)")
+                          f"(drop train.fsdp; with NPROC=N the global batch is kept)")
     args = training_args(cfg, Path(cfg["output_dir"]))
     global_batch = global_batch_of(args)
     # torchrun: the main process checks/creates the run dir, synthesizes or exports the data and writes vocab.json

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from common.hf import CompressionTrainer
+from common.hf import CompressionTrainer, global_batch_of
 
 from .ctc_text import BLANK_ID, build_vocab, cer, greedy_ctc_decode, wer
 from .data import CTCCollator, LengthGroupedEpochSampler, kd_frame_mask
@@ -36,9 +36,7 @@ class CTCTrainer(CompressionTrainer):
             # groups of one global batch, cut into per-device batches in order and dealt to the ranks in turn:
             # global batch k is then positions [kG, (k+1)G) of an order that depends on G alone, the same for any
             # number of processes (and a checkpoint resumes on another one); choice
-            a = self.args
-            group = a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
-            return LengthGroupedEpochSampler(ds.lengths, group, seed)
+            return LengthGroupedEpochSampler(ds.lengths, global_batch_of(self.args), seed)
         return super()._get_train_sampler(train_dataset)
 
     def _get_eval_sampler(self, eval_dataset):
