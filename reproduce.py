@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import ConfigError, expand_paths, load_config, split_global_batch  # noqa: E402
+from common.config import ConfigError, expand_paths, load_config  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
@@ -80,22 +80,15 @@ def is_done(cfg: dict) -> bool:
 
 
 def batch_problems(pipeline: str, scale: str, stages: list[str], nproc: int) -> list[str]:
-    """The stages whose global batch cannot be kept on `nproc` processes, found before anything runs."""
+    """The stages whose global batch cannot be kept on `nproc` processes, found before anything runs: each
+    pipeline's train.py splits its own batch keys (`batch_split(cfg, world)`), so they are named in one place."""
+    split = importlib.import_module(f"{pipeline}.train").batch_split
     problems = []
     for stage in stages:
-        cfg = resolved(pipeline, scale, stage)
-        t = cfg["train"]
-        if "global_batch_size" in t:  # ViT's own loop
-            glob, per, accum, key = t["global_batch_size"], t["batch_size"], t.get("grad_accum_steps"), \
-                "train.global_batch_size"
-        else:  # the HF Trainer pipelines
-            glob, per, accum, key = cfg.get("global_batch_size"), t.get("per_device_train_batch_size", 8), \
-                t.get("gradient_accumulation_steps"), "global_batch_size"
         try:
-            if glob:
-                split_global_batch(int(glob), int(per), accum, nproc, f"{pipeline}/{stage}: {key}")
+            split(resolved(pipeline, scale, stage), nproc)
         except ConfigError as e:
-            problems.append(str(e))
+            problems.append(str(e))  # names the stage's config file, as train.py would
     return problems
 
 

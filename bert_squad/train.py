@@ -20,7 +20,8 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
                           DataCollatorWithPadding, default_data_collator)
 
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
-from common.hf import global_batch_of, stage_callbacks, training_arguments as training_args  # noqa: E402
+from common.hf import batch_split, global_batch_of, stage_callbacks  # noqa: E402,F401  (batch_split: reproduce.py)
+from common.hf import training_arguments as training_args  # noqa: E402
 from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.sharding import full_tensor  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402

@@ -108,19 +108,25 @@ def global_batch_of(args: TrainingArguments) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
 
 
+def batch_split(cfg: dict, world: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) of a Trainer config on `world` processes. A top-level `global_batch_size`
+    is kept on any number of processes (`common.config.split_global_batch`): `train.gradient_accumulation_steps:
+    null` derives the accumulation (and lowers a per-device batch larger than a process's share); a given one is
+    checked. Without one, the `train` values are taken as they are (accumulation null means 1)."""
+    t = cfg["train"]
+    per, accum = int(t.get("per_device_train_batch_size", 8)), t.get("gradient_accumulation_steps")
+    if cfg.get("global_batch_size"):
+        return split_global_batch(int(cfg["global_batch_size"]), per, accum, world,
+                                  f"{cfg['config_file']}: global_batch_size")
+    return per, int(accum or 1)
+
+
 def training_arguments(cfg: dict, out_dir) -> TrainingArguments:
-    """TrainingArguments from the config's `train` section, with DDP guaranteed under a multi-process launch.
-    A top-level `global_batch_size` is kept on any number of processes (`common.config.split_global_batch`):
-    `train.gradient_accumulation_steps: null` derives the accumulation (and lowers a per-device batch larger than
-    a process's share); a given one is checked."""
+    """TrainingArguments from the config's `train` section, with DDP guaranteed under a multi-process launch and
+    the batch split by `batch_split`."""
     kw = dict(cfg["train"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.get("global_batch_size"):
-        kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"] = split_global_batch(
-            int(cfg["global_batch_size"]), int(kw.get("per_device_train_batch_size", 8)),
-            kw.get("gradient_accumulation_steps"), world, f"{cfg['config_file']}: global_batch_size")
-    elif kw.get("gradient_accumulation_steps") is None:
-        kw["gradient_accumulation_steps"] = 1
+    kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"] = batch_split(cfg, world)
     if world > 1 and not torch.accelerator.is_available():
         # Multi-process launch (torchrun) on a machine without an accelerator: unless use_cpu is set, Accelerate
         # starts the gloo group and shards the batches but leaves distributed_type NO, so the model is not wrapped

@@ -110,7 +110,8 @@ def test_nproc_that_cannot_keep_a_global_batch_stops_before_anything_runs(tmp_pa
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
     assert reproduce.main(["--scale", "paper", "--runs-dir", str(tmp_path), "--nproc", "8", "--quick", "1"]) == 2
     err = capsys.readouterr().err
-    assert "bert_squad/qat4: global_batch_size 12 does not split over 8 processes; run [1, 2, 3, 4, 6, 12]" in err
+    assert "bert_squad/configs/qat4.yaml: global_batch_size 12 does not split over 8 processes; run [1, 2, 3, 4, 6, 12]" \
+        in err
     assert "vit_imagenet" not in err and "wav2vec" not in err and "PIPELINES=bert_squad NPROC=4" in err
     assert reproduce.batch_problems("wav2vec_librispeech", "paper", reproduce.MAIN, 8) == []
     assert len(reproduce.batch_problems("vit_imagenet", "paper", reproduce.MAIN, 3)) == 4

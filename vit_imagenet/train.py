@@ -51,15 +51,21 @@ CKPT = "checkpoint.pt"
 
 
 # ----------------------------------------------------------------------------------------------- helpers ---
+def batch_split(cfg: dict, world: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) on `world` processes: `train.global_batch_size` is kept
+    (`common.config.split_global_batch`); without it, `batch_size` and `grad_accum_steps` are taken as they are."""
+    t = cfg["train"]
+    bs, accum, glob = int(t["batch_size"]), t.get("grad_accum_steps"), t.get("global_batch_size")
+    if glob is None:
+        return bs, max(1, int(accum or 1))
+    return split_global_batch(int(glob), bs, accum, world, f"{cfg['config_file']}: train.global_batch_size")
+
+
 def batch_plan(cfg: dict, d: Dist, n_train: int) -> dict:
     """Per-device batch × accumulation × world = global batch; steps per epoch and in total."""
     t = cfg["train"]
-    bs, world = int(t["batch_size"]), d.world
-    accum, glob = t.get("grad_accum_steps"), t.get("global_batch_size")
-    if glob is None:
-        accum = max(1, int(accum or 1))
-    else:
-        bs, accum = split_global_batch(int(glob), bs, accum, world, f"{cfg['config_file']}: train.global_batch_size")
+    world = d.world
+    bs, accum = batch_split(cfg, world)
     per_rank = math.ceil(n_train / world)  # DistributedSampler pads to a multiple of the world size
     spe = per_rank // (bs * accum)  # incomplete last step of an epoch is dropped
     if spe == 0 and (t.get("max_steps") or t.get("epochs")):
