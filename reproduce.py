@@ -2,7 +2,9 @@
 
     python reproduce.py --scale mini [--quick 1] [--force 1] [--seeds N] [--pipelines bert_squad vit_imagenet ...]
 
-A stage whose run dir already has metrics.json and the same resolved config is skipped (FORCE=1 redoes it).
+A stage whose run dir already has metrics.json and the same resolved config is skipped, one interrupted with the same
+config is resumed, and a run dir made with another config is moved under <pipeline>/.replaced/, never deleted
+(FORCE=1 redoes every stage in place).
 --seeds N (N > 1) then runs every stage but fp N-1 more times with other seeds (train.seed + k), into
 <stage>_seed<k>/, on the same upstream runs (the fp teacher, the init_from checkpoints of the default seed):
 results/seeds.md reports each stage's spread, and the ablation deltas against it.
@@ -35,6 +37,7 @@ MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
              "abl_pretrained_init"]
 # keys that do not change what a stage computes
+PIPELINES = ("bert_squad", "vit_imagenet", "wav2vec_librispeech")
 VOLATILE = {"overwrite_output_dir", "resume", "config_file", "interrupt_at_step"}
 
 
@@ -68,15 +71,29 @@ def comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in VOLATILE and v is not None}
 
 
-def is_done(cfg: dict) -> bool:
+def run_state(cfg: dict) -> str:
+    """What the stage's run dir holds: "" (nothing), "done" (metrics.json, same config), "interrupted" (same config,
+    no metrics.json yet: resumed, not restarted) or "other" (another config, or unreadable: kept aside, see
+    set_aside)."""
     run = Path(cfg["output_dir"])
-    if not (run / "metrics.json").exists() or not (run / "config.yaml").exists():
-        return False
+    if not run.is_dir() or not any(run.iterdir()):
+        return ""
     try:
         saved = yaml.safe_load((run / "config.yaml").read_text())
-    except yaml.YAMLError:
-        return False
-    return comparable(saved) == comparable(cfg)
+    except (OSError, yaml.YAMLError):
+        return "other"
+    if not isinstance(saved, dict) or comparable(saved) != comparable(cfg):
+        return "other"
+    return "done" if (run / "metrics.json").exists() else "interrupted"
+
+
+def set_aside(run: Path) -> Path:
+    """Move a run dir made with another config to <pipeline dir>/.replaced/<name>-<UTC time> rather than delete it
+    (nothing a user made is lost unasked); the leading dot keeps it out of results/make_results.py."""
+    dest = run.parent / ".replaced" / f"{run.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run.rename(dest)
+    return dest
 
 
 def batch_problems(pipeline: str, scale: str, stages: list[str], nproc: int) -> list[str]:
@@ -105,17 +122,47 @@ def missing_inputs(pipeline: str, scale: str) -> list[str]:
         name = cfg.get("model_name_or_path") or cfg.get("model_name")
         if name and not Path(str(name)).exists() and not cfg.get("init_from"):
             if not hub_reachable(str(name), "model"):
-                problems.append(f"{pipeline}/{stage}: model {name!r} is neither a local path nor reachable on "
-                                f"the Hugging Face hub")
+                problems.append(f"{pipeline}/{stage}: model {name!r} is neither a local path, in the local "
+                                f"Hugging Face cache, nor reachable on the hub")
+        problems += timm_model_problems(cfg, f"{pipeline}/{stage}")
         ds = (cfg.get("data") or {}).get("dataset_name")
         if ds and not any((cfg.get("data") or {}).get(k) for k in ("train_file", "librispeech_root", "data_dir")):
             if not hub_reachable(str(ds), "dataset"):
-                problems.append(f"{pipeline}/{stage}: data set {ds!r} is not reachable on the hub and no local "
-                                f"files are configured")
+                problems.append(f"{pipeline}/{stage}: data set {ds!r} is neither in the local Hugging Face cache "
+                                f"nor reachable on the hub, and no local files are configured")
     return sorted(set(problems))
 
 
+def timm_model_problems(cfg: dict, where: str) -> list[str]:
+    """The timm `model:` block (ViT): its local files exist, or its pretrained weights are on the hub."""
+    m = cfg.get("model")
+    if not isinstance(m, dict) or not m.get("name"):
+        return []
+    local = {"model.checkpoint_path": m.get("checkpoint_path"),
+             "model.pretrained_cfg_overlay.file": (m.get("pretrained_cfg_overlay") or {}).get("file")}
+    problems = [f"{where}: {key}={val} does not exist" for key, val in local.items() if val and not Path(val).exists()]
+    if not m.get("pretrained") or cfg.get("init_from") or any(local.values()):
+        return problems
+    from timm.models import get_pretrained_cfg
+    try:
+        hub_id = get_pretrained_cfg(m["name"]).hf_hub_id
+    except Exception as e:  # unknown architecture or tag
+        return problems + [f"{where}: model.name {m['name']!r}: {e}"]
+    if not hub_id or not hub_reachable(hub_id, "model"):
+        problems.append(f"{where}: the pretrained weights of timm model {m['name']!r} ({hub_id or 'no hub id'}) are "
+                        f"neither in the local Hugging Face cache nor reachable on the hub; set "
+                        f"model.pretrained_cfg_overlay={{file: /path/model.safetensors}} or model.checkpoint_path")
+    return problems
+
+
 def hub_reachable(name: str, kind: str) -> bool:
+    """On the hub, or already in the local Hugging Face cache (an offline machine with the files downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(name, repo_type=kind, local_files_only=True)
+        return True
+    except Exception:
+        pass
     try:
         from huggingface_hub import HfApi
         api = HfApi()
@@ -153,8 +200,9 @@ def torch_threads(n: int | None = None) -> int:
 
 
 def run_stage(pipeline: str, scale: str, stage: str, isolate: bool = False, overrides: list[str] | None = None,
-              nproc: int = 1) -> int:
-    argv = ["--config", str(config_path(pipeline, scale, stage)), "overwrite_output_dir=true", *(overrides or [])]
+              nproc: int = 1, resume: bool = False) -> int:
+    start = "resume=true" if resume else "overwrite_output_dir=true"
+    argv = ["--config", str(config_path(pipeline, scale, stage)), start, *(overrides or [])]
     if nproc > 1:
         return subprocess.call(torchrun(nproc) + ["-m", f"{pipeline}.train", *argv], cwd=ROOT)
     return call_main(f"{pipeline}.train", argv, isolate)
@@ -203,7 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--quick", type=int, default=0, help="1: only the main rows, no ablations")
     ap.add_argument("--force", type=int, default=0, help="1: redo finished stages")
-    ap.add_argument("--pipelines", nargs="+", default=["bert_squad", "vit_imagenet", "wav2vec_librispeech"])
+    ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES))
     ap.add_argument("--isolate", type=int, default=0, help="1: each stage and export in its own process")
     ap.add_argument("--seeds", type=int, default=1,
                     help="N > 1: also run every stage but fp with N-1 other seeds (results/seeds.md)")
@@ -216,9 +264,9 @@ def main(argv=None) -> int:
         ap.error(f"--nproc must be at least 1, got {a.nproc}")
     isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
-    pipelines = [p for p in a.pipelines if (ROOT / p / "train.py").exists()]
-    for p in set(a.pipelines) - set(pipelines):
-        print(f"[reproduce] {p}: no train.py yet, skipped")
+    pipelines = [p.rstrip("/") for p in a.pipelines]  # a shell's tab completion adds the slash
+    if unknown := [p for p in pipelines if p not in PIPELINES]:
+        ap.error(f"unknown pipeline(s) {', '.join(unknown)}; choose from {', '.join(PIPELINES)}")
     problems = [m for p in pipelines for m in batch_problems(p, a.scale, stages_of(p, a.scale, bool(a.quick)),
                                                              a.nproc)]
     if problems:
@@ -242,14 +290,19 @@ def main(argv=None) -> int:
             overrides = repeat_overrides(base, k) if k else []
             cfg = resolved(p, a.scale, stage, overrides) if k else base
             name = f"{a.scale}/{p}/{stage}" + (f" (seed repeat {k})" if k else "")
-            if not a.force and is_done(cfg):
+            state = run_state(cfg)
+            if state == "done" and not a.force:
                 print(f"[reproduce] {name}: done earlier, skipped ({cfg['output_dir']})", flush=True)
                 if not k:
                     export_if_quantized(cfg, p, isolate)
                 continue
-            print(f"[reproduce] {name}: running ...", flush=True)
+            if state == "other" and not a.force:  # FORCE=1 asks to replace it
+                print(f"[reproduce] {name}: {cfg['output_dir']} was made with another config (or has no readable "
+                      f"config.yaml); moved to {set_aside(Path(cfg['output_dir']))}", flush=True)
+            resume = state == "interrupted" and not a.force
+            print(f"[reproduce] {name}: {'resuming' if resume else 'running'} ...", flush=True)
             t0 = time.time()
-            rc = run_stage(p, a.scale, stage, isolate, overrides, a.nproc)
+            rc = run_stage(p, a.scale, stage, isolate, overrides, a.nproc, resume)
             if rc == 0 and not k:  # the compression columns come from the default seed's export
                 export_if_quantized(cfg, p, isolate)
             elif rc:

@@ -1,5 +1,6 @@
 """reproduce.py: stage selection, skip-if-done with an unchanged config, paper-scale input checks."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,18 +15,52 @@ def test_stage_lists():
     assert full.index("abl_quant_first") > full.index("qat4_dense")  # it starts from qat4_dense
 
 
-def test_done_only_with_metrics_and_same_config(tmp_path, monkeypatch):
+def test_run_state_done_only_with_metrics_and_same_config(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
     cfg = reproduce.resolved("bert_squad", "mini", "qat4")
     run = tmp_path / "mini" / "bert_squad" / "qat4"
     assert cfg["output_dir"] == str(run)
+    assert reproduce.run_state(cfg) == ""
     run.mkdir(parents=True)
+    assert reproduce.run_state(cfg) == ""  # an empty dir holds nothing
     (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "overwrite_output_dir": True}))
-    assert not reproduce.is_done(cfg)  # no metrics.json yet
+    assert reproduce.run_state(cfg) == "interrupted"  # no metrics.json yet
     (run / "metrics.json").write_text("{}")
-    assert reproduce.is_done(cfg)
+    assert reproduce.run_state(cfg) == "done"
     changed = dict(cfg, train={**cfg["train"], "learning_rate": 1.0})
-    assert not reproduce.is_done(changed)
+    assert reproduce.run_state(changed) == "other"
+    (run / "config.yaml").write_text("train: [unclosed")
+    assert reproduce.run_state(cfg) == "other"
+
+
+def test_existing_runs_are_resumed_or_set_aside_never_deleted(tmp_path, monkeypatch, capsys):
+    """A stage interrupted with the same config is resumed (resume=true), a run dir made with another config is
+    moved under .replaced/ with its files, and FORCE=1 replaces a finished run in place (it asks to)."""
+    launched = []
+    monkeypatch.setattr(reproduce, "call_main", lambda module, argv, isolate: launched.append(argv) or 0)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: 0)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    pipe = tmp_path / "mini" / "vit_imagenet"
+    fp, sparse = pipe / "fp", pipe / "sparse"
+    for run, stage in ((fp, "fp"), (sparse, "sparse")):
+        run.mkdir(parents=True)
+        cfg = reproduce.resolved("vit_imagenet", "mini", stage)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg if stage == "fp" else {**cfg, "seed_repeat": 9}))
+        (run / "mine.txt").write_text(stage)
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet"]) == 0
+    starts = {Path(argv[1]).stem: argv[2] for argv in launched}
+    assert starts == {"fp": "resume=true", "sparse": "overwrite_output_dir=true",
+                      "qat4": "overwrite_output_dir=true", "qat4_dense": "overwrite_output_dir=true"}
+    assert (fp / "mine.txt").read_text() == "fp"
+    aside = list((pipe / ".replaced").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("sparse-") and (aside[0] / "mine.txt").read_text() == "sparse"
+    assert f"moved to {aside[0]}" in capsys.readouterr().out
+    launched.clear()
+    (sparse.mkdir(), (sparse / "config.yaml").write_text(yaml.safe_dump({"other": 1})))
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet",
+                           "--force", "1"]) == 0
+    assert all(argv[2] == "overwrite_output_dir=true" for argv in launched)
+    assert len(list((pipe / ".replaced").iterdir())) == 1
 
 
 def test_paper_scale_lists_what_is_missing(monkeypatch, capsys, tmp_path):
@@ -36,6 +71,46 @@ def test_paper_scale_lists_what_is_missing(monkeypatch, capsys, tmp_path):
     assert any("'squad'" in p for p in problems)
     rc = reproduce.main(["--scale", "paper", "--pipelines", "bert_squad"])
     assert rc == 2 and "bert-base-uncased" in capsys.readouterr().err
+
+
+def test_paper_scale_checks_the_timm_weights(monkeypatch, tmp_path):
+    """ViT's `model:` block: pretrained weights must be cached or on the hub unless local files are configured;
+    a stage that starts from a run dir (init_from) needs none."""
+    asked = []
+    monkeypatch.setattr(reproduce, "hub_reachable", lambda name, kind: asked.append(name) or False)
+    cfg = reproduce.resolved("vit_imagenet", "paper", "fp")
+    (problem,) = reproduce.timm_model_problems(cfg, "vit_imagenet/fp")
+    assert asked == ["timm/vit_base_patch16_224.augreg_in21k_ft_in1k"] and "model.pretrained_cfg_overlay" in problem
+    assert any("'vit_base_patch16_224.augreg_in21k'" in p for p in reproduce.missing_inputs("vit_imagenet", "paper"))
+    assert reproduce.timm_model_problems(reproduce.resolved("vit_imagenet", "paper", "qat4"), "q") == []
+    weights = tmp_path / "vit.safetensors"
+    local = dict(cfg, model={**cfg["model"], "pretrained_cfg_overlay": {"file": str(weights)}})
+    assert reproduce.timm_model_problems(local, "w") == [f"w: model.pretrained_cfg_overlay.file={weights} does not exist"]
+    weights.write_bytes(b"")
+    assert reproduce.timm_model_problems(local, "w") == []
+    bad = dict(cfg, model={**cfg["model"], "name": "vit_base_patch16_224.nosuchtag"})
+    assert "nosuchtag" in reproduce.timm_model_problems(bad, "b")[0]
+
+
+def test_hub_reachable_accepts_the_local_cache(tmp_path, monkeypatch):
+    """An offline machine with the files already downloaded passes the paper-scale check."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--timm--tiny-test"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("a" * 40) / "config.json").write_text("{}")
+    assert reproduce.hub_reachable("timm/tiny-test", "model")
+    assert not reproduce.hub_reachable("timm/other-test", "model")
+
+
+def test_unknown_pipeline_names_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--pipelines", "bert", "vit_imagenet"])
+    assert "unknown pipeline(s) bert; choose from bert_squad, vit_imagenet, wav2vec_librispeech" in \
+        capsys.readouterr().err
 
 
 def test_in_process_stage_failures_are_reported_not_fatal(tmp_path, monkeypatch, capsys):
