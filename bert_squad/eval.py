@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer  # noqa: E402
 
+from common.runs import check_run_of, cli, read_metrics  # noqa: E402
 from common.stage import load_hf_run  # noqa: E402
 
 from bert_squad.train import finish_run, load_data, make_trainer, training_args  # noqa: E402
@@ -33,20 +34,17 @@ def main(argv=None) -> dict:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    check_run_of(a.run_dir, "bert_squad")
+    prev = read_metrics(a.run_dir)  # read first: a damaged one stops us before the evaluation
     cfg, model, tokenizer = load_run(a.run_dir, a.overrides)
     _, val_examples, val_features = load_data(cfg, tokenizer, need_train=False)
     cfg["train"]["report_to"] = "none"
     args = training_args(cfg, a.run_dir)
     trainer = make_trainer(cfg, model, args, tokenizer, None, val_examples, val_features)
-    prev = {}
-    if (a.run_dir / "metrics.json").exists():
-        import json
-        prev = json.loads((a.run_dir / "metrics.json").read_text())
-    out = finish_run(cfg, a.run_dir, trainer, model, None, prev.get("train_steps", 0),
-                     prev.get("train_runtime_s", 0.0))
+    out = finish_run(cfg, a.run_dir, trainer, model, None, prev=prev)
     print(f"[bert_squad/{cfg['stage']}] EM {out['exact_match']:.2f} F1 {out['f1']:.2f} -> {a.run_dir}/metrics.json")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

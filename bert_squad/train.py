@@ -22,7 +22,8 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
 from common.hf import batch_split, global_batch_of, stage_callbacks  # noqa: E402,F401  (batch_split: reproduce.py)
 from common.hf import training_arguments as training_args  # noqa: E402
-from common.runs import is_main_process, prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
+from common.runs import (cli, is_main_process, prepare_output_dir, reevaluated, save_weight_sample,  # noqa: E402
+                         stage_metrics, write_json)
 from common.sharding import full_tensor  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -100,18 +101,25 @@ def make_trainer(cfg, model, args, tokenizer, train_features, val_examples, val_
         n_best_size=cfg["data"]["n_best_size"], max_answer_length=cfg["data"]["max_answer_length"])
 
 
-def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runtime: float) -> dict:
-    """Evaluate, then write metrics.json, predictions.json, log_history.json and the weight sample."""
+def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, runtime: float = 0.0,
+               prev: dict | None = None) -> dict:
+    """Evaluate, then write metrics.json, predictions.json, log_history.json and the weight sample. eval.py passes
+    the training run's metrics as `prev`: its facts are kept (common.runs.reevaluated), and log_history.json and
+    weight_sample.npz (whose 'before' is the init checkpoint) stay as trained."""
     metrics = trainer.evaluate()  # every rank takes part; rank 0 writes
     task = {"exact_match": metrics["eval_exact_match"], "f1": metrics["eval_f1"]}
     out = stage_metrics(cfg, model, PIPELINE, "f1", True, task, steps, runtime)
     out["effective_train_batch_size"] = global_batch_of(trainer.args)
     out["learning_rate"] = trainer.args.learning_rate
-    save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())  # every rank (FSDP)
+    if prev is None:
+        save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())  # every rank (FSDP)
+    else:
+        out = reevaluated(prev, out)
     if not trainer.is_world_process_zero():
         return out
     write_json(out_dir / "predictions.json", trainer.last_predictions)
-    write_json(out_dir / "log_history.json", trainer.state.log_history)
+    if prev is None:
+        write_json(out_dir / "log_history.json", trainer.state.log_history)
     write_json(out_dir / "metrics.json", out)
     return out
 
@@ -168,4 +176,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

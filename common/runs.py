@@ -164,3 +164,55 @@ def save_weight_sample(run_dir: str | Path, model: torch.nn.Module, init_state: 
         return
     np.savez_compressed(Path(run_dir) / "weight_sample.npz", before=before.float().cpu().numpy(),
                         after=after.float().cpu().numpy(), layer=np.array([name]))
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """A run's metrics.json, {} when it has none; a damaged one is an error that names it."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise RunError(f"{path}: not a JSON object")
+    return m
+
+
+def check_run_of(run_dir: str | Path, pipeline: str) -> None:
+    """Refuse a dir that is not a run of `pipeline` before a model is built from it (the error would otherwise
+    come from deep inside the model code)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir}: not a {pipeline} run dir (no config.yaml)")
+    made_by = read_metrics(run_dir).get("pipeline")
+    if made_by and made_by != pipeline:
+        raise RunError(f"{run_dir}: a {made_by} run (metrics.json), not a {pipeline} one; use python -m "
+                       f"{made_by}.eval")
+
+
+# what only the training run knows: a re-evaluation keeps these from its metrics.json
+TRAINING_FACTS = ("date", "hardware", "train_steps", "train_runtime_s", "effective_train_batch_size", "learning_rate")
+
+
+def reevaluated(prev: dict, new: dict) -> dict:
+    """metrics.json after a re-evaluation: the new evaluation's numbers; the training run's own facts (when and
+    where it trained, its steps and times, and every key only training writes) kept; eval_date/eval_hardware
+    say when and where this evaluation ran."""
+    out = {**prev, **new, **{k: prev[k] for k in TRAINING_FACTS if k in prev}}
+    out.update(eval_date=new["date"], eval_hardware=new["hardware"])
+    return out
+
+
+def cli(main) -> None:
+    """A script's entry point: a bad config, run dir, recipe or missing input file ends with one line naming it
+    (exit 2), not a traceback; anything else is a bug and keeps its traceback."""
+    import sys
+    from .config import ConfigError
+    from .recipe import RecipeError
+    try:
+        main()
+    except (ConfigError, RunError, RecipeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -70,8 +70,15 @@ def test_stage_chain_and_saved_model(env):
         w = lin.effective_weight()
         assert w.unique().numel() <= 16 and check_nm(w) and w[~lin.mask].eq(0).all()
 
+    kept = {f: (runs / "qat4" / f).read_bytes() for f in ("log_history.json", "weight_sample.npz")}
     again = bert_eval.main([str(runs / "qat4")])
     assert again["f1"] == out["qat4"]["f1"] and again["exact_match"] == out["qat4"]["exact_match"]
+    # a re-evaluation keeps the training run's record: its curve, its weight sample, when and how it trained
+    assert kept == {f: (runs / "qat4" / f).read_bytes() for f in kept}
+    saved = json.loads((runs / "qat4" / "metrics.json").read_text())
+    for k in ("date", "train_steps", "train_runtime_s", "effective_train_batch_size"):
+        assert saved[k] == out["qat4"][k], k
+    assert saved["eval_date"] >= saved["date"]
 
 
 @pytest.mark.parametrize("optim", [[], ["train.optim=sgd", "train.optim_args=momentum=0.9"]], ids=["adamw", "sgd"])

@@ -119,7 +119,13 @@ def test_eval_reproduces_metrics(chain, tmp_path):
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert out["top1"] == saved["top1"] == again["top1"] and again["top5"] == saved["top5"]
     assert again["train_steps"] == saved["train_steps"] and again["compression_ratio"] == 16.0
+    assert again["date"] == saved["date"] and again["eval_date"] >= saved["date"]  # when it trained, kept
+    assert again["stage_wall_s"] == saved["stage_wall_s"]
     assert (tmp_path / "predictions.csv").read_text() == (base / "qat4" / "predictions.csv").read_text()
+    # a --data_dir is the user's: a wrong one is an error, never filled with the mini digits
+    with pytest.raises(Exception, match="nope"):
+        vit_eval.main([str(base / "qat4"), "--data_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "nope").exists()
 
 
 def test_resume_is_bit_identical(chain, digits, tmp_path):

@@ -6,12 +6,13 @@ predictions.csv (into RUN_DIR, or --out_dir).
     vit_imagenet/eval.sh RUN_DIR [...]                                     # the same
     torchrun --nproc_per_node 8 -m vit_imagenet.eval RUN_DIR               # sharded over GPUs
 
-The train_steps / train_runtime_s of an existing metrics.json in the output dir are kept.
+The training run's own facts in an existing metrics.json (its date, hardware, steps, times) are kept
+(common.runs.reevaluated); eval_date / eval_hardware say when and where this evaluation ran. --data_dir is used as
+given: the mini digits tree is made only in the run's own data dir.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from common import prepare  # noqa: E402
-from common.config import ConfigError, load_config  # noqa: E402
-from common.recipe import RecipeError  # noqa: E402
-from common.runs import RunError, load_state, stage_metrics, write_json  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.runs import RunError, check_run_of, cli, load_state, read_metrics, reevaluated, stage_metrics, write_json  # noqa: E402,E501
 from common.stage import stage_recipe  # noqa: E402
 
 from vit_imagenet.pipeline import (PIPELINE, Dist, build_data, channels_last, create_model, evaluate,  # noqa: E402
@@ -57,9 +57,12 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     t0 = time.time()
     run_dir = Path(a.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: no config.yaml; is this a vit_imagenet run dir?")
-    overrides = list(a.overrides) + ([f"data.data_dir={a.data_dir}"] if a.data_dir else [])
+    check_run_of(run_dir, PIPELINE)
+    out_dir = Path(a.out_dir) if a.out_dir else run_dir
+    # read first (a damaged one stops us before the evaluation): the output dir's own, else the run's
+    prev = read_metrics(out_dir) or read_metrics(run_dir)
+    overrides = list(a.overrides) + ([f"data.data_dir={a.data_dir}", "data.make_mini_digits=false"]
+                                     if a.data_dir else [])
     cfg = load_config(run_dir / "config.yaml", overrides)
     threads = torch.get_num_threads()
     if cfg["train"].get("num_threads"):
@@ -71,22 +74,12 @@ def main(argv=None) -> dict:
             model.to(memory_format=torch.channels_last)
         data = build_data(cfg, model, d, need_train=False)
         ev = evaluate(model, data["val"], cfg, d, predictions=True)
-        out_dir = Path(a.out_dir) if a.out_dir else run_dir
         out = {"top1": ev["top1"], "top5": ev["top5"]}
         if d.main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            old = {}
-            if (out_dir / "metrics.json").is_file():
-                old = json.loads((out_dir / "metrics.json").read_text())
-            elif (run_dir / "metrics.json").is_file():
-                old = json.loads((run_dir / "metrics.json").read_text())
             extra = {"top1": ev["top1"], "top5": ev["top5"], "eval_loss": ev["loss"], "eval_samples": ev["samples"],
                      "evaluated_by": "vit_imagenet.eval", "eval_data_dir": cfg["data"]["data_dir"]}
-            for k in ("global_batch_size", "world_size", "epochs"):
-                if k in old:
-                    extra[k] = old[k]
-            out = stage_metrics(stage_cfg_for_metrics(cfg), model, PIPELINE, "top1", True, extra,
-                                old.get("train_steps", 0), old.get("train_runtime_s", 0.0))
+            out = reevaluated(prev, stage_metrics(stage_cfg_for_metrics(cfg), model, PIPELINE, "top1", True, extra))
             write_json(out_dir / "metrics.json", out)
             write_predictions(out_dir / "predictions.csv", ev, data)
         log(f"{run_dir}: top-1 {ev['top1']:.2f} top-5 {ev['top5']:.2f} on {ev['samples']} images "
@@ -98,8 +91,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, RunError, RecipeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

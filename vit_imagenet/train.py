@@ -36,8 +36,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from common import ScheduledDropout, compression_summary  # noqa: E402
 from common.pact import clip_state_as_1d, fix_one_sided_clips  # noqa: E402
 from common.config import ConfigError, save_config, split_global_batch, stage_argv  # noqa: E402
-from common.recipe import RecipeError  # noqa: E402
-from common.runs import (RunError, find_model_file, prepare_output_dir, save_weight_sample,  # noqa: E402
+from common.runs import (RunError, cli, find_model_file, prepare_output_dir, save_weight_sample,  # noqa: E402
                          stage_metrics, write_json)
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -399,8 +398,4 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, RunError, RecipeError) as e:  # configuration mistakes: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -7,7 +7,6 @@ and predictions_<split>.jsonl with the same keys as training wrote (greedy CTC d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor  # noqa: E402
 
+from common.runs import check_run_of, cli, read_metrics  # noqa: E402
 from common.stage import load_hf_run  # noqa: E402
 
 from wav2vec_librispeech.train import finish_run, load_data, make_trainer, summary_line, training_args  # noqa: E402
@@ -33,6 +33,8 @@ def main(argv=None) -> dict:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    check_run_of(a.run_dir, "wav2vec_librispeech")
+    prev = read_metrics(a.run_dir)  # read first: a damaged one stops us before the evaluation
     cfg, model, processor = load_run(a.run_dir, a.overrides)
     if cfg.get("torch_threads"):
         import torch
@@ -41,18 +43,10 @@ def main(argv=None) -> dict:
     cfg["train"]["report_to"] = "none"
     args = training_args(cfg, a.run_dir)
     trainer = make_trainer(cfg, model, args, processor, None, eval_sets)
-    prev = {}
-    if (a.run_dir / "metrics.json").exists():
-        prev = json.loads((a.run_dir / "metrics.json").read_text())
-    # training-side facts (data counts, CPU time) are kept from the training run's metrics.json
-    keep = {k: prev[k] for k in ("train_utterances", "train_dropped_too_long", "train_hours", "max_train_seconds",
-                                 "global_batch_size", "train_cpu_s") if k in prev}
-    out = finish_run(cfg, a.run_dir, trainer, model, None, prev.get("train_steps", 0),
-                     prev.get("train_runtime_s", 0.0), {**keep, **info},
-                     rewrite_training_files=not (a.run_dir / "log_history.json").exists())
+    out = finish_run(cfg, a.run_dir, trainer, model, None, info=info, prev=prev)
     print(f"{summary_line(cfg, out)} -> {a.run_dir}/metrics.json")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

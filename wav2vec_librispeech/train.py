@@ -25,7 +25,7 @@ from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForC
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
 from common.hf import batch_split, global_batch_of, stage_callbacks  # noqa: E402,F401  (batch_split: reproduce.py)
 from common.hf import training_arguments as training_args  # noqa: E402
-from common.runs import prepare_output_dir, save_weight_sample, stage_metrics, write_json  # noqa: E402
+from common.runs import cli, prepare_output_dir, reevaluated, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
 from wav2vec_librispeech.ctc_text import build_vocab, make_tokenizer  # noqa: E402
@@ -172,28 +172,31 @@ def make_trainer(cfg, model, args, processor, train_ds, eval_sets, distiller=Non
                       eval_sets=eval_sets)
 
 
-def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int, runtime: float, info: dict,
-               rewrite_training_files: bool = True) -> dict:
+def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, runtime: float = 0.0,
+               info: dict | None = None, prev: dict | None = None) -> dict:
     """Evaluate every eval split, then write metrics.json, predictions_<split>.jsonl, log_history.json and the
-    weight sample (files on the main process only; evaluation runs on all). eval.py passes
-    rewrite_training_files=False: log_history.json and weight_sample.npz (its 'before' weights) stay as trained."""
+    weight sample (files on the main process only; evaluation runs on all). eval.py passes the training run's
+    metrics as `prev`: its facts are kept (common.runs.reevaluated), and log_history.json and weight_sample.npz
+    (whose 'before' is the init checkpoint) stay as trained."""
     task = {}
     for split, ds in trainer.eval_sets.items():
         key = split_key(split)
         m = trainer.evaluate(ds, metric_key_prefix=f"eval_{key}")
         task[f"wer_{key}"] = m[f"eval_{key}_wer"]
         task[f"cer_{key}"] = m[f"eval_{key}_cer"]
-    task.update(info)
+    task.update(info or {})
     task.update(decoding="greedy CTC (best path), no language model")
     out = stage_metrics(cfg, model, PIPELINE, MAIN_METRIC, False, task, steps, runtime)
-    if rewrite_training_files:  # every rank (FSDP gathers the weights), one writes
+    if prev is None:  # every rank (FSDP gathers the weights), one writes
         save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())
+    else:
+        out = reevaluated(prev, out)
     if trainer.is_world_process_zero():
         for split in trainer.eval_sets:
             rows = trainer.last_predictions[f"eval_{split_key(split)}"]
             (out_dir / f"predictions_{split_key(split)}.jsonl").write_text(
                 "".join(json.dumps(r) + "\n" for r in rows))
-        if rewrite_training_files:
+        if prev is None:
             write_json(out_dir / "log_history.json", trainer.state.log_history)
         write_json(out_dir / "metrics.json", out)
     return out
@@ -274,4 +277,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,0 +1,57 @@
+"""common.runs: run-dir checks and the metrics a re-evaluation writes (unit level; the pipelines' eval tests run
+the real entry points)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common.runs import RunError, check_run_of, read_metrics, reevaluated
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_read_metrics_names_a_damaged_file(tmp_path):
+    assert read_metrics(tmp_path) == {}
+    (tmp_path / "metrics.json").write_text('{"f1": 8')
+    with pytest.raises(RunError, match=r"metrics.json: not readable as JSON"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.json").write_text("[1]")
+    with pytest.raises(RunError, match="not a JSON object"):
+        read_metrics(tmp_path)
+
+
+def test_check_run_of_refuses_other_dirs(tmp_path):
+    with pytest.raises(RunError, match="not a bert_squad run dir"):
+        check_run_of(tmp_path, "bert_squad")
+    (tmp_path / "config.yaml").write_text("stage: qat4\n")
+    check_run_of(tmp_path, "bert_squad")  # an unfinished run: nothing says otherwise
+    (tmp_path / "metrics.json").write_text(json.dumps({"pipeline": "vit_imagenet"}))
+    with pytest.raises(RunError, match="a vit_imagenet run .*use python -m vit_imagenet.eval"):
+        check_run_of(tmp_path, "bert_squad")
+    check_run_of(tmp_path, "vit_imagenet")
+
+
+def test_reevaluated_keeps_what_only_training_knows():
+    trained = {"f1": 80.0, "date": "2026-01-01T00:00:00+00:00", "hardware": "8 processes on H100",
+               "train_steps": 100, "train_runtime_s": 50.0, "stage_wall_s": 60.0, "effective_train_batch_size": 12,
+               "learning_rate": 3e-5}
+    new = {"f1": 81.0, "date": "2026-02-02T00:00:00+00:00", "hardware": "CPU", "train_steps": 0,
+           "train_runtime_s": 0.0, "effective_train_batch_size": 4, "learning_rate": 3e-5, "eval_samples": 10}
+    out = reevaluated(trained, new)
+    assert out["f1"] == 81.0 and out["eval_samples"] == 10
+    assert {k: out[k] for k in trained if k != "f1"} == {k: v for k, v in trained.items() if k != "f1"}
+    assert out["eval_date"] == new["date"] and out["eval_hardware"] == "CPU"
+    assert reevaluated({}, new)["date"] == new["date"]  # no training record: this evaluation's
+
+
+@pytest.mark.parametrize("module", ["bert_squad.eval", "wav2vec_librispeech.eval", "vit_imagenet.eval"])
+def test_eval_cli_on_a_wrong_dir_is_one_line(module, tmp_path):
+    """Each eval entry point run as a script: a dir that is not its run ends with one line naming it (exit 2)."""
+    (tmp_path / "config.yaml").write_text("stage: fp\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"pipeline": "some_other"}))
+    p = subprocess.run([sys.executable, "-m", module, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f"error: {tmp_path}: a some_other run (metrics.json), not a "
+                                                 f"{module.split('.')[0]} one; use python -m some_other.eval")
