@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -77,10 +78,46 @@ def _may_differ(model: torch.nn.Module, which: str) -> list[str]:
     return list(getattr(model, f"_keys_to_ignore_on_load_{which}", None) or [])
 
 
+def untied_missing(model: torch.nn.Module, missing: list[str]) -> list[str]:
+    """The `missing` keys (of a load_state_dict just done) that the model does not tie back itself. save_pretrained
+    leaves out a tied copy (GPT-2's lm_head.weight, T5's embed_tokens); transformers 5.x's own tie_weights, as
+    from_pretrained calls it, ties each such key to the loaded one and drops it from the set."""
+    if not missing or not hasattr(model, "get_expanded_tied_weights_keys"):
+        return list(missing)
+    left = set(missing)
+    model.tie_weights(missing_keys=left)
+    return [k for k in missing if k in left]
+
+
+def _conv1d_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    pu = sys.modules.get("transformers.pytorch_utils")  # a model holding Conv1D has imported it already
+    conv1d = getattr(pu, "Conv1D", None)
+    return {n: m for n, m in model.named_modules() if conv1d is not None and type(m) is conv1d}
+
+
+def conv1d_as_unprepared(model: torch.nn.Module, state: dict) -> dict:
+    """`state` (a full checkpoint, quantizer state and masks included) fitted to the unprepared `model`: prepare
+    holds a transformers Conv1D's weight transposed, [out, in], so a prepared model's are turned back to [in, out].
+    A non-square weight tells by its shape. A square one (GPT-2's attn.c_proj) is transposed if it has a mask or an
+    input quantizer in the checkpoint, or, where no Conv1D has either (a weight-only recipe), if the non-square
+    ones were. Models without Conv1D get `state` itself."""
+    convs = _conv1d_modules(model)
+    flip = {n for n, m in convs.items() if n + ".weight" in state
+            and tuple(state[n + ".weight"].shape) == tuple(m.weight.shape[::-1])}
+    square = {n for n in flip if convs[n].weight.shape[0] == convs[n].weight.shape[1]}
+    marked = {n for n in convs if f"{n}.mask" in state or f"{n}.input_quant.lo" in state}
+    if marked:  # the recipe gave every layer it compressed a mask or an input quantizer
+        flip -= square - marked
+    elif flip == square:  # no weight says the checkpoint came from a prepared model
+        flip = set()
+    return {**state, **{n + ".weight": state[n + ".weight"].t().contiguous() for n in flip}} if flip else state
+
+
 def load_into(model: torch.nn.Module, state: dict, source: str, strict_backbone: bool = True) -> None:
-    """load_state_dict with an error that names the checkpoint when it does not fit the model."""
+    """load_state_dict with an error that names the checkpoint when it does not fit the model; keys the model ties
+    back itself (untied_missing) may be absent."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".lo", ".hi", ".signed", ".mask"))
+    missing = [k for k in untied_missing(model, missing) if not k.endswith((".lo", ".hi", ".signed", ".mask"))
                and not any(re.search(p, k) for p in _may_differ(model, "missing"))]
     unexpected = [k for k in unexpected if not any(re.search(p, k) for p in _may_differ(model, "unexpected"))]
     if strict_backbone and (missing or unexpected):
