@@ -95,21 +95,15 @@ def _conv1d_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if conv1d is not None and type(m) is conv1d}
 
 
-def conv1d_as_unprepared(model: torch.nn.Module, state: dict) -> dict:
-    """`state` (a full checkpoint, quantizer state and masks included) fitted to the unprepared `model`: prepare
-    holds a transformers Conv1D's weight transposed, [out, in], so a prepared model's are turned back to [in, out].
-    A non-square weight tells by its shape. A square one (GPT-2's attn.c_proj) is transposed if it has a mask or an
-    input quantizer in the checkpoint, or, where no Conv1D has either (a weight-only recipe), if the non-square
-    ones were. Models without Conv1D get `state` itself."""
+def conv1d_as_unprepared(model: torch.nn.Module, state: dict, recipe) -> dict:
+    """`state`, a checkpoint of `model` prepared with `recipe` (None: never prepared), in the unprepared layout:
+    prepare holds a transformers Conv1D's weight transposed, [out, in], and the recipe's plan says exactly which
+    layers it took. Models without Conv1D get `state` itself."""
     convs = _conv1d_modules(model)
-    flip = {n for n, m in convs.items() if n + ".weight" in state
-            and tuple(state[n + ".weight"].shape) == tuple(m.weight.shape[::-1])}
-    square = {n for n in flip if convs[n].weight.shape[0] == convs[n].weight.shape[1]}
-    marked = {n for n in convs if f"{n}.mask" in state or f"{n}.input_quant.lo" in state}
-    if marked:  # the recipe gave every layer it compressed a mask or an input quantizer
-        flip -= square - marked
-    elif flip == square:  # no weight says the checkpoint came from a prepared model
-        flip = set()
+    if recipe is None or not convs:
+        return state
+    from .plan import prepare_plan
+    flip = [n for n in prepare_plan(model, recipe).compress if n in convs and n + ".weight" in state]
     return {**state, **{n + ".weight": state[n + ".weight"].t().contiguous() for n in flip}} if flip else state
 
 

@@ -36,9 +36,12 @@ def _existing_dir(cfg: dict, key: str, value) -> Path:
 
 
 def _load_checkpoint(model: nn.Module, src: Path, what: str):
-    """Load a run dir's weights into the unprepared `model`; -> (weights as loaded, {linear name: mask}). The run
-    may have been prepared (a previous stage): its Conv1D weights are turned back to the unprepared layout."""
-    state, masks = split_state(conv1d_as_unprepared(model, load_state(src, what)))
+    """Load a run dir's weights into the unprepared `model`; -> (weights as loaded, {linear name: mask}). A run
+    prepared with the recipe in its config.yaml (a previous stage) has its Conv1D weights turned back."""
+    import yaml
+    saved = src / "config.yaml"
+    recipe = stage_recipe(yaml.safe_load(saved.read_text()) or {}) if src.is_dir() and saved.is_file() else None
+    state, masks = split_state(conv1d_as_unprepared(model, load_state(src, what), recipe))
     load_into(model, state, str(src))
     return state, masks
 

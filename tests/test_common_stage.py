@@ -68,8 +68,8 @@ def test_hf_run_dir_missing_a_real_key_names_the_file(tmp_path, eager_quantizers
         load_hf_run(run)
 
 
-# stage 1 recipes: 2:4 masks (every compressed layer has one), and weight-only 4-bit (no mask, no input quantizer:
-# the square attn.c_proj is known transposed only from the other Conv1D weights)
+# stage 1 recipes: 2:4 masks, and weight-only 4-bit (no mask, no input quantizer: only the recipe in the run's
+# config.yaml says the square attn.c_proj was transposed)
 STAGE1 = {"sparse": common.Recipe(w_bits=32, a_bits=32, quantize_attention=False),
           "w4": common.Recipe(a_bits=32, sparsity=None, quantize_attention=False)}
 
@@ -80,6 +80,7 @@ def test_later_stage_starts_from_a_prepared_conv1d_model(stage1, tmp_path, eager
     fp.save_pretrained(tmp_path / "fp")  # unprepared, lm_head left out (tied)
     s1 = common.prepare(_gpt2(), STAGE1[stage1])
     s1.save_pretrained(tmp_path / "s1")
+    (tmp_path / "s1" / "config.yaml").write_text(yaml.safe_dump({"compression": STAGE1[stage1].to_dict()}))
     cfg = {"init_from": str(tmp_path / "s1"), "compression": common.Recipe().to_dict(), "config_file": "s2.yaml",
            "kd": {"enabled": True, "teacher": str(tmp_path / "fp")}}
     s2, _ = build_stage_model(cfg, _gpt2, None, do_calibrate=False)
@@ -100,4 +101,4 @@ def test_later_stage_starts_from_a_prepared_conv1d_model(stage1, tmp_path, eager
 def test_nn_linear_checkpoints_load_as_before():
     """Models without Conv1D (the repository's pipelines) get their checkpoint itself, untouched."""
     state = common.prepare(tiny_bert_qa(), common.Recipe(w_bits=32, a_bits=32)).state_dict()
-    assert conv1d_as_unprepared(tiny_bert_qa(), state) is state
+    assert conv1d_as_unprepared(tiny_bert_qa(), state, common.Recipe(w_bits=32, a_bits=32)) is state
