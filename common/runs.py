@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -77,10 +78,40 @@ def _may_differ(model: torch.nn.Module, which: str) -> list[str]:
     return list(getattr(model, f"_keys_to_ignore_on_load_{which}", None) or [])
 
 
+def untied_missing(model: torch.nn.Module, missing: list[str]) -> list[str]:
+    """The `missing` keys (of a load_state_dict just done) that the model does not tie back itself. save_pretrained
+    leaves out a tied copy (GPT-2's lm_head.weight, T5's embed_tokens); transformers 5.x's own tie_weights, as
+    from_pretrained calls it, ties each such key to the loaded one and drops it from the set."""
+    if not missing or not hasattr(model, "get_expanded_tied_weights_keys"):
+        return list(missing)
+    left = set(missing)
+    model.tie_weights(missing_keys=left)
+    return [k for k in missing if k in left]
+
+
+def _conv1d_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    pu = sys.modules.get("transformers.pytorch_utils")  # a model holding Conv1D has imported it already
+    conv1d = getattr(pu, "Conv1D", None)
+    return {n: m for n, m in model.named_modules() if conv1d is not None and type(m) is conv1d}
+
+
+def conv1d_as_unprepared(model: torch.nn.Module, state: dict, recipe) -> dict:
+    """`state`, a checkpoint of `model` prepared with `recipe` (None: never prepared), in the unprepared layout:
+    prepare holds a transformers Conv1D's weight transposed, [out, in], and the recipe's plan says exactly which
+    layers it took. Models without Conv1D get `state` itself."""
+    convs = _conv1d_modules(model)
+    if recipe is None or not convs:
+        return state
+    from .plan import prepare_plan
+    flip = [n for n in prepare_plan(model, recipe).compress if n in convs and n + ".weight" in state]
+    return {**state, **{n + ".weight": state[n + ".weight"].t().contiguous() for n in flip}} if flip else state
+
+
 def load_into(model: torch.nn.Module, state: dict, source: str, strict_backbone: bool = True) -> None:
-    """load_state_dict with an error that names the checkpoint when it does not fit the model."""
+    """load_state_dict with an error that names the checkpoint when it does not fit the model; keys the model ties
+    back itself (untied_missing) may be absent."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".lo", ".hi", ".signed", ".mask"))
+    missing = [k for k in untied_missing(model, missing) if not k.endswith((".lo", ".hi", ".signed", ".mask"))
                and not any(re.search(p, k) for p in _may_differ(model, "missing"))]
     unexpected = [k for k in unexpected if not any(re.search(p, k) for p in _may_differ(model, "unexpected"))]
     if strict_backbone and (missing or unexpected):

@@ -13,7 +13,8 @@ from .distill import DistillationLoss
 from .fast_dropout import use_fast_dropout
 from .prepare import calibrate, prepare
 from .recipe import Recipe, RecipeError
-from .runs import RunError, load_into, load_state, split_state
+from .runs import (RunError, conv1d_as_unprepared, find_model_file, load_into, load_state, split_state,
+                   untied_missing)
 
 
 def stage_recipe(cfg: dict) -> Recipe | None:
@@ -34,6 +35,17 @@ def _existing_dir(cfg: dict, key: str, value) -> Path:
     return p
 
 
+def _load_checkpoint(model: nn.Module, src: Path, what: str):
+    """Load a run dir's weights into the unprepared `model`; -> (weights as loaded, {linear name: mask}). A run
+    prepared with the recipe in its config.yaml (a previous stage) has its Conv1D weights turned back."""
+    import yaml
+    saved = src / "config.yaml"
+    recipe = stage_recipe(yaml.safe_load(saved.read_text()) or {}) if src.is_dir() and saved.is_file() else None
+    state, masks = split_state(conv1d_as_unprepared(model, load_state(src, what), recipe))
+    load_into(model, state, str(src))
+    return state, masks
+
+
 def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_batches: Callable[[], Iterable] | None,
                       do_calibrate: bool = True, train_device=None, calib_micro_batch: int | None = None):
     """-> (model, init_state). `build_model()` returns the architecture with its starting weights
@@ -47,8 +59,7 @@ def build_stage_model(cfg: dict, build_model: Callable[[], nn.Module], calib_bat
     masks = {}
     if cfg.get("init_from"):
         src = _existing_dir(cfg, "init_from", cfg["init_from"])
-        init_state, masks = split_state(load_state(src, "init checkpoint"))
-        load_into(model, init_state, str(src))
+        init_state, masks = _load_checkpoint(model, src, "init checkpoint")
     else:
         init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     recipe = stage_recipe(cfg)
@@ -73,8 +84,7 @@ def build_distiller(cfg: dict, build_model: Callable[[], nn.Module]) -> Distilla
                        f"is not set")
     src = _existing_dir(cfg, "kd.teacher", kd["teacher"])
     teacher = build_model()
-    state, _ = split_state(load_state(src, "teacher checkpoint"))
-    load_into(teacher, state, str(src))
+    _load_checkpoint(teacher, src, "teacher checkpoint")
     return DistillationLoss(teacher, lam=float(kd.get("lambda", 0.5)), temperature=float(kd.get("temperature", 2.0)),
                             hidden_weight=float(kd.get("hidden_weight", 0.0)))
 
@@ -99,7 +109,8 @@ def load_hf_run(run_dir, build_from_dir: Callable[[Path], nn.Module], overrides:
     if recipe is not None:
         prepare(model, recipe)
     missing, unexpected = model.load_state_dict(load_state(run_dir, "trained model"), strict=False)
+    missing = untied_missing(model, missing)  # save_pretrained leaves tied copies out
     if missing or unexpected:
-        raise RunError(f"{run_dir}: saved weights do not match the recipe in config.yaml: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
+        raise RunError(f"{find_model_file(run_dir)}: saved weights do not match the recipe in config.yaml: "
+                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return cfg, model.eval()
