@@ -313,7 +313,9 @@ def main(argv=None) -> int:
             record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k, a.nproc)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", str(ROOT / "results")])
-    print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; results/ regenerated"
+    # make_results refuses (and leaves results/ as it was) when it finds no run, e.g. when every stage failed
+    print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; "
+          + ("results/ regenerated" if rc == 0 else f"results/ NOT regenerated (make_results.py exit {rc}, see above)")
           + (f"; FAILED stages: {failed}" if failed else ""))
     return 1 if failed or rc else 0
 

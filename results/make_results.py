@@ -10,7 +10,10 @@ extra seeds of a stage (metrics.json "seed_repeat": k, reproduce.py --seeds) in
 <stage>_seed<k>/. Writes main_table.{md,csv}, ablations.{md,csv} (default seed),
 seeds.{md,csv} (spread over seeds), plot_*.png and README.md
 (from README.template.md) into --out. Broken runs are reported on stderr and
-skipped. Tables are deterministic: same runs in, same bytes out.
+skipped; a main stage without a usable run keeps its row, marked "not run" or
+"unreadable". A RUNS_DIR that is missing or holds no run, a bad --out, --template
+or paper reference is an error (exit 2) and nothing is written. Tables are
+deterministic: same runs in, same bytes out.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -33,6 +38,8 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LAYOUT = "RUNS_DIR/<scale>/<pipeline>/<stage>/metrics.json (e.g. runs/mini/bert_squad/qat4/metrics.json)"
 
 # ---------------------------------------------------------------- contract ---
 # Keys a metrics.json must have; without them the run cannot be placed in a table.
@@ -69,6 +76,28 @@ MISSING = "—"  # shown in markdown for an absent value
 
 def warn(msg: str) -> None:
     print(f"[make_results] {msg}", file=sys.stderr)
+
+
+class InputError(Exception):
+    """Bad command-line input or input file: main() prints it and exits 2 before writing anything."""
+
+
+def seed_suffix(k: int) -> str:
+    """What the k-th extra seed adds to a stage's run dir name; the same rule as reproduce.seed_suffix (not
+    imported: reproduce pulls in torch, which the tables do not need)."""
+    return f"_seed{k}" if k else ""
+
+
+def own_dir(scale: str, pipeline: str, stage: str, repeat: int) -> str:
+    """The run dir (relative to RUNS_DIR) that reproduce.py writes for this stage and seed."""
+    return f"{scale}/{pipeline}/{stage}{seed_suffix(repeat)}"
+
+
+def configured_stages(scale: str, pipeline: str) -> list[str] | None:
+    """The stages that have a config for this scale (reproduce.config_path's rule), or None if the pipeline has
+    no config dir here (an unknown pipeline: its set of stages cannot be known)."""
+    d = ROOT / pipeline / "configs" / ("mini" if scale == "mini" else "")
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else None
 
 
 # ------------------------------------------------------------------ loading ---
@@ -173,12 +202,6 @@ def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
         return None, "metrics.json: higher_is_better must be true or false"
     if num(m.get(m["main_metric"])) is None:
         return None, f"metrics.json has no numeric value for its main_metric '{m['main_metric']}'"
-    expected = d.relative_to(runs_dir).parts
-    k = m.get("seed_repeat")
-    found = (str(m["scale"]), str(m["pipeline"]), str(m["stage"]) + (f"_seed{k}" if k else ""))
-    if expected != found:
-        warn(f"{d}: metrics.json says {'/'.join(found)}; using that, not the directory name")
-
     config, sha = None, ""
     cpath = d / "config.yaml"
     if cpath.is_file():
@@ -193,45 +216,139 @@ def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
     logs = _read_json(d / "log_history.json", "log_history.json", list) or []
     comp = _read_json(d / "compression.json", "compression.json", dict)
     ws = d / "weight_sample.npz"
-    return Run(d, "/".join(expected), m, config, sha, [x for x in logs if isinstance(x, dict)],
+    return Run(d, d.relative_to(runs_dir).as_posix(), m, config, sha, [x for x in logs if isinstance(x, dict)],
                comp, ws if ws.is_file() else None), ""
+
+
+@dataclass
+class Scan:
+    runs: list[Run]  # usable runs, sorted
+    skipped: list[tuple[str, str]]  # (dir relative to RUNS_DIR, reason), sorted
+    refused: dict  # (scale, pipeline, stage, repeat) -> why no run was used for it (two dirs claim it)
+
+
+def run_dirs(runs_dir: Path) -> list[Path]:
+    return sorted(p for p in runs_dir.glob("*/*/*")
+                  if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(runs_dir).parts))
+
+
+def pick(key: tuple, claims: list[Run]) -> tuple[Run | None, list[tuple[Run, str]]]:
+    """One run for a (scale, pipeline, stage, seed repeat) that one or more dirs claim, and the losers with why.
+    The dir reproduce.py names for that stage wins: a copy (a backup, an edited experiment) must not replace
+    the real run because its name sorts first. Without such a dir, two claims are refused: picking one by
+    the alphabet could show a number nobody meant."""
+    own = own_dir(*key)
+    if len(claims) == 1:
+        if claims[0].rel != own:
+            warn(f"{claims[0].dir}: metrics.json says {own}; using it, though the dir is named otherwise")
+        return claims[0], []
+    winner = next((r for r in claims if r.rel == own), None)
+    if winner is not None:
+        return winner, [(r, f"duplicate of {own} (same scale/pipeline/stage/seed repeat); {own} is that stage's "
+                            f"own run dir, so it is used and {r.rel} is not") for r in claims if r is not winner]
+    names = " and ".join(r.rel for r in claims)
+    why = (f"{names} all say they are {own} (same scale/pipeline/stage/seed repeat), and none is that stage's own "
+           f"run dir {own}; none is used (rename the one you mean to {own})")
+    return None, [(r, why) for r in claims]
+
+
+def scan(runs_dir: Path) -> Scan:
+    """Every run dir under runs_dir: the usable runs, the skipped dirs and the refused keys."""
+    claims, skipped, refused = {}, [], {}
+    for d in run_dirs(runs_dir):
+        run, reason = load_run(d, runs_dir)
+        if run is None:
+            skipped.append((d, d.relative_to(runs_dir).as_posix(), reason))
+        else:
+            claims.setdefault((run.scale, run.pipeline, run.stage, run.repeat), []).append(run)
+    runs = []
+    for key, group in claims.items():
+        run, losers = pick(key, group)
+        if run is not None:
+            runs.append(run)
+        else:
+            refused[key] = losers[0][1]
+        skipped += [(r.dir, r.rel, why) for r, why in losers]
+    for d, _, reason in sorted(skipped, key=lambda x: x[1]):
+        warn(f"skipped {d}: {reason}")
+    return Scan(sorted(runs, key=run_key), sorted((rel, why) for _, rel, why in skipped), refused)
 
 
 def load_runs(runs_dir: Path) -> tuple[list[Run], list[tuple[str, str]]]:
     """All valid runs (sorted) and the skipped ones as (relative dir, reason)."""
-    runs, skipped, seen = [], [], {}
+    found = scan(runs_dir)
+    return found.runs, found.skipped
+
+
+def layout_hint(runs_dir: Path) -> str:
+    """Where metrics.json files are, if not at the depth the layout expects: the likely meant RUNS_DIR."""
+    def up(p: Path) -> Path:  # a parent that prints sensibly for ".", "mini" and "runs/mini"
+        return p.parent if p.name not in ("", ".", "..") else p.resolve().parent
+    for depth, fix in ((2, 1), (1, 2)):  # too deep by `fix` levels
+        if next(runs_dir.glob("/".join(["*"] * depth + ["metrics.json"])), None) is not None:
+            target = runs_dir
+            for _ in range(fix):
+                target = up(target)
+            holds = "<pipeline>/<stage>" if fix == 1 else "<stage>"
+            return (f" {runs_dir} looks {fix} level{'s' * (fix > 1)} too deep (it holds {holds} dirs); "
+                    f"did you mean {target}?")
+    deeper = sorted({m.parents[3] for m in runs_dir.glob("*/*/*/*/metrics.json")})
+    if deeper:
+        return (f" {runs_dir} looks one level too shallow: did you mean "
+                f"{' or '.join(str(d) for d in deeper[:3])}?")
+    return ""
+
+
+def check_runs_dir(runs_dir: Path, found: Scan | None) -> None:
+    """A wrong RUNS_DIR must not rewrite results/ as 'no runs': stop before anything is written."""
     if not runs_dir.is_dir():
-        return runs, skipped
-    dirs = sorted(p for p in runs_dir.glob("*/*/*")
-                  if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(runs_dir).parts))
-    for d in dirs:
-        rel = d.relative_to(runs_dir).as_posix()
-        run, reason = load_run(d, runs_dir)
-        if run is not None:
-            key = (run.scale, run.pipeline, run.stage, run.repeat)
-            if key in seen:
-                run, reason = None, f"duplicate of {seen[key]} (same scale/pipeline/stage/seed repeat)"
-            else:
-                seen[key] = rel
-        if run is None:
-            warn(f"skipped {d}: {reason}")
-            skipped.append((rel, reason))
-        else:
-            runs.append(run)
-    return sorted(runs, key=run_key), skipped
+        what = "is not a directory" if runs_dir.exists() else "does not exist"
+        raise InputError(f"runs dir {runs_dir} {what}; expected {LAYOUT}")
+    if found is not None and not found.runs:
+        why = (f"none of the {len(found.skipped)} dirs at {runs_dir}/*/*/* is a usable run, see above"
+               if found.skipped else f"no dirs at {runs_dir}/*/*/*")
+        raise InputError(f"no run found in runs dir {runs_dir} ({why}); expected {LAYOUT}.{layout_hint(runs_dir)}")
 
 
-def load_paper_reference(path: Path) -> dict:
+REF_COLUMNS = ("pipeline", "row", "metric", "value", "source")
+
+
+def read_paper_reference(path: Path) -> list[dict]:
+    """The rows of paper_reference.csv, checked: an empty value means n/a, anything else must be a number."""
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            check_reference_header(path, reader.fieldnames or [])
+            rows = []
+            for r in reader:
+                v = (r["value"] or "").strip()
+                if v and num(_float_or_none(v)) is None:
+                    raise InputError(f"{path}, line {reader.line_num}, column 'value': {v!r} is not a number "
+                                     f"(write e.g. 88.5, without %, or leave it empty for n/a)")
+                rows.append({c: r[c] or "" for c in REF_COLUMNS})
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read the paper reference ({e})") from e
+
+
+def check_reference_header(path: Path, found: list[str]) -> None:
+    lacking = [c for c in REF_COLUMNS if c not in found]
+    if lacking:
+        raise InputError(f"{path}, line 1 (header): no column{'s' * (len(lacking) > 1)} {', '.join(lacking)}; "
+                         f"the header must name {', '.join(REF_COLUMNS)} (found: {', '.join(found) or 'nothing'})")
+
+
+def _float_or_none(v: str) -> float | None:
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def load_paper_reference(rows: list[dict]) -> dict:
     """(pipeline, row, metric) -> (value or None, source)."""
-    ref = {}
-    if not path.is_file():
-        warn(f"no paper reference at {path}; paper columns stay empty")
-        return ref
-    with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            v = r.get("value", "").strip()
-            ref[(r["pipeline"], r["row"], r["metric"])] = (float(v) if v else None, r.get("source", ""))
-    return ref
+    return {(r["pipeline"], r["row"], r["metric"]): (float(r["value"]) if r["value"].strip() else None, r["source"])
+            for r in rows}
 
 
 # --------------------------------------------------------------- formatting ---
@@ -289,35 +406,89 @@ def all_metrics(runs: list[Run]) -> list[str]:
     return known + sorted({r.metric for r in runs} - set(known))
 
 
-def main_records(runs: list[Run], ref: dict) -> list[dict]:
+RUN_KEYS = ("w_bits", "a_bits", "sparsity", "quantize_attention", "zero_preserving", "kd", "dropout_schedule",
+            "init_from", "bits_per_backbone_weight", "compression_ratio", "train_steps", "train_runtime_s",
+            "hardware", "date", "mini_scale_note")
+
+
+class Gap(NamedTuple):
+    status: str  # not run | unreadable: <why> | not used: <why>
+    metric: str  # the pipeline's main metric and direction, from its other runs, for the marked row
+    higher_is_better: bool
+
+
+def stage_gaps(runs: list[Run], skipped: list[tuple[str, str]], refused: dict) -> dict:
+    """(scale, pipeline, stage) -> Gap, for each stage a scale/pipeline with runs (any seed) should have but has
+    no usable default-seed run of: the configured main stages and ablations, and any other stage whose own dir was
+    skipped. Status: "not run" (no dir), "unreadable: <why>" (its own dir was skipped), "not used: <why>"
+    (several dirs claim it). A gap must show in the tables: a vanished row reads as 'nothing to see'."""
+    have = {(r.scale, r.pipeline, r.stage) for r in runs if not r.repeat}
+    bad = dict(skipped)
+    gaps = {}
+    for sc, pl in sorted({(r.scale, r.pipeline) for r in runs}):
+        like = next(r for r in runs if (r.scale, r.pipeline) == (sc, pl))
+        cfg = configured_stages(sc, pl)
+        expect = {s for s in MAIN_ROWS if cfg is None or s in cfg}
+        expect |= {s for s in cfg or [] if s.startswith(ABLATION_PREFIX)}
+        # a skipped dir named as a stage's default seed is that stage, unreadable, even if not configured
+        named = {rel.split("/")[2] for rel in bad if rel.startswith(f"{sc}/{pl}/")}
+        expect |= {s for s in named if (s in MAIN_ROWS or s.startswith(ABLATION_PREFIX))
+                   and not re.search(r"_seed\d+$", s)}
+        for st in sorted(expect, key=stage_rank):
+            if (sc, pl, st) in have:
+                continue
+            own = own_dir(sc, pl, st, 0)
+            status = (f"not used: {refused[(sc, pl, st, 0)]}" if (sc, pl, st, 0) in refused
+                      else f"unreadable: {bad[own]}" if own in bad else "not run")
+            gaps[(sc, pl, st)] = Gap(status, like.metric, bool(like.m["higher_is_better"]))
+    return gaps
+
+
+def main_records(runs: list[Run], ref: dict, gaps: dict | None = None) -> list[dict]:
+    """A row per main-stage run, and a marked row with empty values per main stage in `gaps`."""
     fp = {(r.scale, r.pipeline): r for r in runs if r.stage == "fp"}
+    mets = all_metrics(runs)
     recs = []
     for r in runs:
         if r.is_ablation:
             continue
         m, comp = r.m, r.compression or {}
         base = fp.get((r.scale, r.pipeline))
-        rec = {
-            "scale": r.scale, "pipeline": r.pipeline, "model": m["model"], "row": r.row, "stage": r.stage,
-            "main_metric": r.metric, "higher_is_better": bool(m["higher_is_better"]), "main_value": r.value,
+        rec = _main_record(r.scale, r.pipeline, r.stage, r.metric, bool(m["higher_is_better"]), ref, mets)
+        rec.update({
+            "model": m["model"], "main_value": r.value,
             "delta_vs_fp": (r.value - base.value) if base is not None and base.metric == r.metric else None,
-            "paper_main_value": ref.get((r.pipeline, r.row, r.metric), (None, ""))[0],
-        }
-        for k in all_metrics(runs):
-            rec[k] = num(m.get(k))
-            rec["paper_" + k] = ref.get((r.pipeline, r.row, k), (None, ""))[0]
-        for k in ("w_bits", "a_bits", "sparsity", "quantize_attention", "zero_preserving", "kd",
-                  "dropout_schedule", "init_from", "bits_per_backbone_weight", "compression_ratio",
-                  "train_steps", "train_runtime_s", "hardware", "date", "mini_scale_note"):
-            rec[k] = m.get(k)
-        for k in EXPORT_KEYS:
-            rec["export_" + k] = comp.get(k)
-        rec["paper_source"] = " | ".join(sorted({s for (p, row, _), (_, s) in ref.items()
-                                                 if p == r.pipeline and row == r.row and s}))
-        rec["config_sha1"] = r.config_sha1
-        rec["run_dir"] = r.rel
+            "config_sha1": r.config_sha1, "run_dir": r.rel, "status": "ok",
+        })
+        rec.update({k: num(m.get(k)) for k in mets})
+        rec.update({k: m.get(k) for k in RUN_KEYS})
+        rec.update({"export_" + k: comp.get(k) for k in EXPORT_KEYS})
         recs.append(rec)
-    return recs
+    for (sc, pl, st), gap in (gaps or {}).items():
+        if st not in MAIN_ROWS:
+            continue
+        rec = _main_record(sc, pl, st, gap.metric, gap.higher_is_better, ref, mets)
+        rec.update(status=gap.status, run_dir=own_dir(sc, pl, st, 0) if gap.status.startswith("unreadable") else "")
+        recs.append(rec)
+    # stable sort: the runs are already in this order, so the gaps slot in without moving them
+    return sorted(recs, key=lambda a: (rank(a["scale"], SCALE_ORDER), rank(a["pipeline"], PIPELINE_ORDER),
+                                       stage_rank(a["stage"])))
+
+
+def _main_record(scale: str, pipeline: str, stage: str, metric: str, hib: bool, ref: dict, mets: list[str]) -> dict:
+    """The parts of a main-table row that do not need the run: an empty row of the paper's values."""
+    row = MAIN_ROWS.get(stage, stage)
+    rec = {"scale": scale, "pipeline": pipeline, "model": None, "row": row, "stage": stage, "main_metric": metric,
+           "higher_is_better": hib, "main_value": None, "delta_vs_fp": None,
+           "paper_main_value": ref.get((pipeline, row, metric), (None, ""))[0]}
+    rec.update({k: None for k in mets})
+    rec.update({"paper_" + k: ref.get((pipeline, row, k), (None, ""))[0] for k in mets})
+    rec.update({k: None for k in RUN_KEYS})
+    rec.update({"export_" + k: None for k in EXPORT_KEYS})
+    rec["paper_source"] = " | ".join(sorted({s for (p, rw, _), (_, s) in ref.items()
+                                             if p == pipeline and rw == row and s}))
+    rec.update(config_sha1="", run_dir="", status="")
+    return rec
 
 
 def main_csv_columns(runs: list[Run]) -> list[tuple[str, int]]:
@@ -330,7 +501,8 @@ def main_csv_columns(runs: list[Run]) -> list[tuple[str, int]]:
                ("compression_ratio", 4)]
             + [("export_" + k, 4) for k in EXPORT_KEYS]
             + [("train_steps", 0), ("train_runtime_s", 1), ("hardware", 0), ("date", 0),
-               ("mini_scale_note", 0), ("paper_source", 0), ("config_sha1", 0), ("run_dir", 0)])
+               ("mini_scale_note", 0), ("paper_source", 0), ("config_sha1", 0), ("run_dir", 0),
+               ("status", 0)])  # ok, not run, unreadable: <why>, not used: <why>
 
 
 SCALE_SENTENCE = (
@@ -362,27 +534,18 @@ def main_table_md(recs: list[dict], runs: list[Run], ref: dict) -> str:
                   + (["Export backbone ×FP32", "Export model ×FP32", "Export model ×FP16", "File MB"]
                      if has_export else [])
                   + ["Steps", "Hardware", "Date", "Note"])
-        rows = []
-        for r in prec:
-            fb = r["export_file_bytes"]
-            rows.append(
-                [r["scale"], r["row"], r["stage"], r["model"]] + [fmt(r[k], missing=MISSING) for k in mets]
-                + [fmt(r["delta_vs_fp"], missing=MISSING)]
-                + [fmt(r["paper_" + k], missing="n/a") for k in paper_mets]
-                + [f"{fmt(r['w_bits'], missing='?')}/{fmt(r['a_bits'], missing='?')}",
-                   fmt(r["sparsity"], missing="dense"), fmt(num(r["bits_per_backbone_weight"]), 3, MISSING),
-                   fmt(num(r["compression_ratio"]), missing=MISSING)]
-                + ([fmt(num(r["export_backbone_ratio_vs_fp32"]), missing=MISSING),
-                    fmt(num(r["export_model_ratio_vs_fp32"]), missing=MISSING),
-                    fmt(num(r["export_model_ratio_vs_fp16"]), missing=MISSING),
-                    fmt(num(fb) / 1e6 if num(fb) is not None else None, missing=MISSING)] if has_export else [])
-                + [fmt(r["train_steps"], missing=MISSING), fmt(r["hardware"], missing=MISSING),
-                   str(r["date"] or MISSING)[:10], fmt(r["mini_scale_note"], missing="")])
+        rows = [main_md_row(r, mets, paper_mets, has_export, len(header)) for r in prec]
         hib = prec[0]["higher_is_better"]
         parts.append(f"### {PIPELINE_TITLES.get(p, p)} (`{p}`)\n\n"
                      f"Task metric: {metric_label(main)} (`{main}`, %, {better_word(hib)}). "
                      f"Runs: {label_runs(prun)}.\n")
         parts.append(md_table(header, rows))
+        gone = [r for r in prec if r["status"] != "ok"]
+        if gone:
+            parts.append("No result for " + "; ".join(f"{r['scale']} {r['row']} (`{r['stage']}`): {r['status']}"
+                                                       for r in gone) + "."
+                         + (" Without an FP result, Δ vs FP is empty." if any(r["stage"] == "fp" for r in gone)
+                            else "") + "\n")
         known = sorted({s for (rp, _, _), (v, s) in ref.items() if rp == p and v is not None and s})
         if known:
             parts.append("Paper column sources: " + "; ".join(known) + ".\n")
@@ -390,6 +553,26 @@ def main_table_md(recs: list[dict], runs: list[Run], ref: dict) -> str:
             parts.append("n/a: not available offline; `results/paper_reference.csv` names the published "
                          "number that belongs there.\n")
     return "\n".join(parts)
+
+
+def main_md_row(r: dict, mets: list[str], paper_mets: list[str], has_export: bool, width: int) -> list[str]:
+    if r["status"] != "ok":  # a stage without a result: its name and the paper's numbers, nothing else
+        return ([r["scale"], r["row"], r["stage"], f"**{r['status'].split(':')[0]}**"]
+                + [MISSING] * (len(mets) + 1) + [fmt(r["paper_" + k], missing="n/a") for k in paper_mets]
+                + [MISSING] * (width - 6 - len(mets) - len(paper_mets)) + [r["status"]])
+    fb = r["export_file_bytes"]
+    return ([r["scale"], r["row"], r["stage"], r["model"]] + [fmt(r[k], missing=MISSING) for k in mets]
+            + [fmt(r["delta_vs_fp"], missing=MISSING)]
+            + [fmt(r["paper_" + k], missing="n/a") for k in paper_mets]
+            + [f"{fmt(r['w_bits'], missing='?')}/{fmt(r['a_bits'], missing='?')}",
+               fmt(r["sparsity"], missing="dense"), fmt(num(r["bits_per_backbone_weight"]), 3, MISSING),
+               fmt(num(r["compression_ratio"]), missing=MISSING)]
+            + ([fmt(num(r["export_backbone_ratio_vs_fp32"]), missing=MISSING),
+                fmt(num(r["export_model_ratio_vs_fp32"]), missing=MISSING),
+                fmt(num(r["export_model_ratio_vs_fp16"]), missing=MISSING),
+                fmt(num(fb) / 1e6 if num(fb) is not None else None, missing=MISSING)] if has_export else [])
+            + [fmt(r["train_steps"], missing=MISSING), fmt(r["hardware"], missing=MISSING),
+               str(r["date"] or MISSING)[:10], fmt(r["mini_scale_note"], missing="")])
 
 
 # --------------------------------------------------------------- ablations ---
@@ -410,7 +593,9 @@ def paper_effect(effect: str) -> str:
     return {"worse": "yes", "same": "no (no difference)", "better": "no (ablation better)"}.get(effect, "n/a")
 
 
-def ablation_records(runs: list[Run]) -> list[dict]:
+def ablation_records(runs: list[Run], gaps: dict | None = None) -> list[dict]:
+    """A row per ablation run, and a marked row per ablation whose own run dir is unreadable (one never run is
+    only counted in the tally: a QUICK=1 run would otherwise fill the table with them)."""
     full = {(r.scale, r.pipeline): r for r in runs if r.stage == FULL_RECIPE}
     recs = []
     for r in runs:
@@ -438,7 +623,14 @@ def ablation_records(runs: list[Run]) -> list[dict]:
             "full_recipe_value": ref_value, "delta": delta, "effect": effect,
             "shows_paper_effect": paper_effect(effect),
             "model": r.m["model"], "hardware": r.m.get("hardware"), "date": r.m.get("date"), "run_dir": r.rel,
+            "status": "ok",
         })
+    for (sc, pl, st), gap in (gaps or {}).items():
+        if st.startswith(ABLATION_PREFIX) and gap.status != "not run":
+            recs.append({"scale": sc, "pipeline": pl, "factor": st[len(ABLATION_PREFIX):], "variant": st,
+                         "stage": st, "metric": gap.metric, "higher_is_better": gap.higher_is_better,
+                         "value": None, "full_recipe_value": None, "delta": None, "effect": gap.status,
+                         "shows_paper_effect": "n/a", "run_dir": own_dir(sc, pl, st, 0), "status": gap.status})
     return sorted(recs, key=lambda a: (rank(a["scale"], SCALE_ORDER), rank(a["pipeline"], PIPELINE_ORDER),
                                        a["factor"], a["variant"], a["stage"]))
 
@@ -446,29 +638,43 @@ def ablation_records(runs: list[Run]) -> list[dict]:
 ABL_CSV_COLUMNS = [("scale", 0), ("pipeline", 0), ("factor", 0), ("variant", 0), ("stage", 0), ("metric", 0),
                    ("higher_is_better", 0), ("value", 4), ("full_recipe_value", 4), ("delta", 4), ("effect", 0),
                    ("shows_paper_effect", 0),
-                   ("model", 0), ("hardware", 0), ("date", 0), ("run_dir", 0)]
+                   ("model", 0), ("hardware", 0), ("date", 0), ("run_dir", 0),
+                   ("status", 0)]  # ok, unreadable: <why>, not used: <why>
 
 
-def ablations_md(recs: list[dict], runs: list[Run]) -> str:
+def ablations_md(recs: list[dict], runs: list[Run], gaps: dict | None = None) -> str:
     if not recs:
         return "No ablation runs found (stages named `abl_*`).\n"
     header = ["Scale", "Pipeline", "Factor", "Variant", "Metric", "Value", "Full recipe (qat4)",
               "Δ (ablation − full)", "Effect", "Shows the paper's effect"]
     rows = [[a["scale"], a["pipeline"], a["factor"], a["variant"],
-             f"{metric_label(a['metric'])} ({better_word(a['higher_is_better'])})", fmt(a["value"]),
+             f"{metric_label(a['metric'])} ({better_word(a['higher_is_better'])})", fmt(a["value"], missing=MISSING),
              fmt(a["full_recipe_value"], missing=MISSING), fmt(a["delta"], missing=MISSING, nd=2), a["effect"],
              a["shows_paper_effect"]]
             for a in recs]
     used = [r for r in runs if r.is_ablation or r.stage == FULL_RECIPE]
-    tally = {}
-    for a in recs:
-        if a["shows_paper_effect"] != "n/a":
-            t = tally.setdefault((a["scale"], a["pipeline"]), [0, 0])
-            t[0] += a["shows_paper_effect"] == "yes"
-            t[1] += 1
-    summary = "".join(f"- {sc} {pl}: {k} of {n} ablations show the paper's effect "
-                      f"(the full recipe better than the ablation).\n" for (sc, pl), (k, n) in tally.items())
+    groups = sorted({(a["scale"], a["pipeline"]) for a in recs},
+                    key=lambda g: (rank(g[0], SCALE_ORDER), rank(g[1], PIPELINE_ORDER)))
+    summary = "".join(ablation_tally(sc, pl, [a for a in recs if (a["scale"], a["pipeline"]) == (sc, pl)], gaps or {})
+                      for sc, pl in groups)
     return f"{ABL_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n{summary}\n" + md_table(header, rows)
+
+
+def ablation_tally(sc: str, pl: str, recs: list[dict], gaps: dict) -> str:
+    """One summary line: how many ablations show the paper's effect, and, when some configured ablation has no
+    result, how many of them have one and why the others do not ("3 of 5" alone would hide the missing two)."""
+    compared = [a for a in recs if a["delta"] is not None]
+    line = (f"- {sc} {pl}: {sum(a['shows_paper_effect'] == 'yes' for a in compared)} of {len(compared)} ablations "
+            f"show the paper's effect (the full recipe better than the ablation)." if compared else
+            f"- {sc} {pl}: no ablation has a Δ to the full recipe (no usable `{FULL_RECIPE}` result).")
+    lacking = {st: gap.status for (s, p, st), gap in gaps.items()
+               if (s, p) == (sc, pl) and st.startswith(ABLATION_PREFIX)}
+    if lacking:
+        cfg = [st for st in configured_stages(sc, pl) or [] if st.startswith(ABLATION_PREFIX)]
+        done = [a for a in recs if a["status"] == "ok" and a["stage"] in cfg]
+        line += ((f" {len(done)} of the {len(cfg)} configured ablations have a result;" if cfg else "")
+                 + " no result for " + "; ".join(f"`{st}` ({why})" for st, why in sorted(lacking.items())) + ".")
+    return line + "\n"
 
 
 # ------------------------------------------------------------------- seeds ---
@@ -491,6 +697,13 @@ def seed_groups(runs: list[Run]) -> dict:
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
+def seed_ids(group: list[Run]) -> list[str]:
+    """The seeds a group of runs used (the seed repeat where metrics.json names no seed), to check that two means
+    are over the same seeds."""
+    return sorted((str(r.m["seed"]) if "seed" in r.m else f"repeat {r.repeat}" for r in group),
+                  key=lambda x: (len(x), x))
+
+
 def _spread(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
@@ -507,7 +720,13 @@ def seed_records(runs: list[Run]) -> list[dict]:
                "values": " ".join(f"{v:.2f}" for v in vals), "mean": mean, "std": sd,
                "min": min(vals), "max": max(vals)}
         full = groups.get((sc, pl, FULL_RECIPE))
-        if st.startswith(ABLATION_PREFIX) and full is not None and full[0].metric == rec["metric"]:
+        comparable = st.startswith(ABLATION_PREFIX) and full is not None and full[0].metric == rec["metric"]
+        if comparable and seed_ids(full) != seed_ids(group):
+            # Means over different seeds differ by the seeds too (e.g. qat4's default seed unreadable: 43 44 vs
+            # 42 43 44); rather than a Δ that looks like the others but is not, no Δ and the reason.
+            rec["shows_paper_effect"] = (f"no Δ: the full recipe has seeds {' '.join(seed_ids(full))}, "
+                                         f"this one {' '.join(seed_ids(group))}")
+        elif comparable:
             fmean, fsd = _spread([r.value for r in full])
             delta = mean - fmean
             se = math.sqrt(sd ** 2 / len(vals) + fsd ** 2 / len(full))
@@ -541,13 +760,18 @@ def seeds_md(recs: list[dict], runs: list[Run]) -> str:
     used = [r for g in seed_groups(runs).values() for r in g]
     tally = {}
     for a in recs:
-        if "delta" in a:
-            t = tally.setdefault((a["scale"], a["pipeline"]), [0, 0, 0])
+        if "delta" in a or a.get("shows_paper_effect", "").startswith("no Δ"):
+            t = tally.setdefault((a["scale"], a["pipeline"]), [0, 0, 0, 0])
             t[0] += a["shows_paper_effect"] == "yes, beyond noise"
             t[1] += a["shows_paper_effect"] == "in its direction, within noise"
-            t[2] += 1
-    summary = "".join(f"- {sc} {pl}, {n} ablations: the paper's effect beyond seed noise in {k}, in its direction "
-                      f"but within noise in {w} more.\n" for (sc, pl), (k, w, n) in tally.items())
+            t[2] += "delta" in a
+            t[3] += "delta" not in a
+    summary = "".join(
+        (f"- {sc} {pl}, {n} ablations: the paper's effect beyond seed noise in {k}, in its direction but within "
+         f"noise in {w} more." if n else f"- {sc} {pl}: no ablation compared over seeds.")
+        + (f" {off} ablation{'s' * (off > 1)} not compared: not run on the same seeds as the full recipe (see the "
+           f"Seeds column)." if off else "") + "\n"
+        for (sc, pl), (k, w, n, off) in tally.items())
     return f"{SEEDS_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n{summary}\n" + md_table(header, rows)
 
 
@@ -782,12 +1006,10 @@ def wall_times_md(runs_dir: Path) -> str:
                      "Hardware", "Dates"], rows)
 
 
-def paper_reference_md(path: Path) -> str:
-    if not path.is_file():
+def paper_reference_md(ref_rows: list[dict] | None) -> str:
+    if ref_rows is None:
         return "No paper reference file.\n"
-    with path.open(newline="") as f:
-        rows = [[r["pipeline"], r["row"], metric_label(r["metric"]), r["value"] or "n/a", r["source"]]
-                for r in csv.DictReader(f)]
+    rows = [[r["pipeline"], r["row"], metric_label(r["metric"]), r["value"] or "n/a", r["source"]] for r in ref_rows]
     return md_table(["Pipeline", "Row", "Metric", "Value", "Source"], rows)
 
 
@@ -798,35 +1020,83 @@ def plots_md(summary: list[tuple[str, str, list[Run]]], per_run: list[tuple[str,
     return "\n".join(parts)
 
 
-def write_readme(out: Path, template: Path, fields: dict) -> None:
-    text = template.read_text() if template.is_file() else "\n\n".join("{{%s}}" % k for k in fields)
+def write_readme(out: Path, template: str, fields: dict) -> None:
+    text = template
     for k, v in fields.items():
         text = text.replace("{{%s}}" % k, v.rstrip("\n"))
     (out / "README.md").write_text(text)
 
 
 # --------------------------------------------------------------------- main ---
+def check_out(out: Path) -> None:
+    """--out is a folder, or does not exist yet and is created; a file in its place is never replaced."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"--out {out}: {p} is a file, not a folder; give a folder for the results")
+            return
+
+
+def read_template(path: Path) -> str:
+    """A misspelled --template must not quietly give a README without its text."""
+    if not path.is_file():
+        raise InputError(f"README template {path} (--template) does not exist or is not a file")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"README template {path} (--template) cannot be read ({e})") from e
+
+
+def read_reference_arg(given: str | None) -> list[dict] | None:
+    """The paper reference rows; None (paper columns empty) only when the default file is absent, since a path
+    the user gave that is not there is a typo, not a wish for empty columns."""
+    path = Path(given) if given else HERE / "paper_reference.csv"
+    if not path.is_file():
+        if given:
+            raise InputError(f"paper reference {path} (--paper-ref) does not exist or is not a file")
+        warn(f"no paper reference at {path}; paper columns stay empty")
+        return None
+    return read_paper_reference(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs_dir", nargs="?", default=os.environ.get("RUNS_DIR", "runs"),
                     help="runs root: <scale>/<pipeline>/<stage>/metrics.json (default: $RUNS_DIR or ./runs)")
     ap.add_argument("--out", default="results", help="output folder (default: results)")
-    ap.add_argument("--paper-ref", default=str(HERE / "paper_reference.csv"))
+    ap.add_argument("--paper-ref", default=None, help=f"default: {HERE / 'paper_reference.csv'}")
     ap.add_argument("--template", default=str(HERE / "README.template.md"))
     args = ap.parse_args(argv)
+    try:
+        return make(args)
+    except InputError as e:
+        print(f"[make_results] ERROR: {e}\n[make_results] Nothing was written.", file=sys.stderr)
+        return 2
+
+
+def make(args: argparse.Namespace) -> int:
     runs_dir, out = Path(args.runs_dir), Path(args.out)
+    # Every input is checked before the first write, so a bad one leaves --out as it was.
+    check_out(out)
+    template = read_template(Path(args.template))
+    ref_rows = read_reference_arg(args.paper_ref)
+    check_runs_dir(runs_dir, None)
+    found = scan(runs_dir)
+    check_runs_dir(runs_dir, found)
     out.mkdir(parents=True, exist_ok=True)
 
-    all_runs, skipped = load_runs(runs_dir)
+    all_runs, skipped = found.runs, found.skipped
     runs = [r for r in all_runs if not r.repeat]  # the default seed: main table, ablations, plots
-    if not runs:
-        warn(f"WARNING: no valid runs under {runs_dir}; writing tables that say so")
-    ref = load_paper_reference(Path(args.paper_ref))
+    gaps = stage_gaps(all_runs, skipped, found.refused)
+    for (sc, pl, st), gap in gaps.items():
+        if st in MAIN_ROWS:
+            warn(f"{own_dir(sc, pl, st, 0)}: main stage {gap.status}; its main-table row says so")
+    ref = load_paper_reference(ref_rows or [])
 
-    mrecs = main_records(runs, ref)
-    arecs = ablation_records(runs)
+    mrecs = main_records(runs, ref, gaps)
+    arecs = ablation_records(runs, gaps)
     main_md = main_table_md(mrecs, runs, ref)
-    abl_md = ablations_md(arecs, runs)
+    abl_md = ablations_md(arecs, runs, gaps)
     (out / "main_table.md").write_text("# Main results\n\n" + main_md)
     write_csv(out / "main_table.csv", main_csv_columns(runs), mrecs)
     (out / "ablations.md").write_text("# Ablations\n\n" + abl_md)
@@ -846,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
     per_run = plot_training_curves(runs, out) + plot_weight_histograms(runs, out)
 
     scales = sorted({r.scale for r in runs}, key=lambda s: rank(s, SCALE_ORDER))
-    write_readme(out, Path(args.template), {
+    write_readme(out, template, {
         "scales": ", ".join(f"`{s}`" for s in scales) or "none (no runs yet)",
         "runs_label": label_runs(runs) if runs else "no runs",
         "runs_table": runs_md(all_runs),
@@ -856,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds_table": seed_md,
         "plots": plots_md(summary, per_run),
         "skipped": md_table(["Run dir", "Reason"], [[d, why] for d, why in skipped]) if skipped else "None.\n",
-        "paper_reference": paper_reference_md(Path(args.paper_ref)),
+        "paper_reference": paper_reference_md(ref_rows),
     })
     print(f"[make_results] {len(all_runs)} runs ({len(all_runs) - len(runs)} extra seeds), {len(skipped)} skipped "
           f"-> {out}", file=sys.stderr)

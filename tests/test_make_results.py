@@ -103,8 +103,15 @@ def test_tables_plots_and_broken_runs(runs, tmp_path, capsys):
     assert "qat4_broken" in err and "not valid JSON" in err
     assert "fp_incomplete" in err and "lacks required keys" in err
 
-    main = {(r["pipeline"], r["row"]): r for r in _rows(out / "main_table.csv")}
+    rows = _rows(out / "main_table.csv")
+    main = {(r["pipeline"], r["row"]): r for r in rows if r["status"] == "ok"}
     assert set(main) == {("bert_squad", "FP"), ("bert_squad", "W4A4+2:4"), ("wav2vec_librispeech", "W4A4+2:4")}
+    # the fixture's other main stages were never run: their rows stay, marked and empty (vit_imagenet has no
+    # usable run at all, so it gets no rows; its broken dirs are in the skipped list)
+    gone = {(r["pipeline"], r["stage"]): r for r in rows if r["status"] != "ok"}
+    assert set(gone) == {("bert_squad", "sparse"), ("bert_squad", "qat4_dense"), ("wav2vec_librispeech", "fp"),
+                         ("wav2vec_librispeech", "sparse"), ("wav2vec_librispeech", "qat4_dense")}
+    assert all(r["status"] == "not run" and r["main_value"] == "" for r in gone.values())
     assert all(r["scale"] == "mini" for r in main.values())
     q = main[("bert_squad", "W4A4+2:4")]
     assert q["f1"] == "55.0000" and q["delta_vs_fp"] == "-5.0000"
@@ -149,14 +156,144 @@ def test_rerun_is_byte_identical_and_cli_works(runs, tmp_path):
     assert first == second
 
 
-def test_no_runs_writes_tables_and_exits_zero(tmp_path, capsys):
+def _filled_out(out):
+    """An --out that already holds results (FIXTURE text): what a bad run of the script must leave alone."""
+    out.mkdir()
+    for name in ("main_table.md", "main_table.csv", "README.md", "plot_training_curves_mini_bert_squad.png"):
+        (out / name).write_text(f"FIXTURE earlier {name}\n")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("where,hint", [
+    ("rusn", "does not exist"),  # a typo
+    ("runs/mini", "looks 1 level too deep"),  # the scale dir, not the runs root
+    ("runs/mini/bert_squad", "looks 2 levels too deep"),
+    (".", "looks one level too shallow: did you mean {tmp}/runs?"),  # the folder above the runs root
+    ("empty", "no dirs at"),
+])
+def test_wrong_runs_dir_is_an_error_and_writes_nothing(runs, tmp_path, capsys, where, hint):
+    """A wrong RUNS_DIR used to rewrite every table as 'No runs found' and delete the per-run plots of --out
+    (default: the committed results/); now it stops, says what layout it expected, and --out is untouched."""
+    (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    assert make_results.main([str(tmp_path / "does_not_exist"), "--out", str(out)]) == 0
-    assert "no valid runs" in capsys.readouterr().err
-    assert "No runs found" in (out / "main_table.md").read_text()
-    assert "No ablation runs" in (out / "ablations.md").read_text()
-    assert len(_rows(out / "main_table.csv")) == 0
-    _check_png(out / "plot_metric_vs_compression.png")
+    before = _filled_out(out)
+    runs_dir = tmp_path / where
+    assert make_results.main([str(runs_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"runs dir {runs_dir}" in err and "<scale>/<pipeline>/<stage>/metrics.json" in err
+    assert hint.format(tmp=tmp_path) in err and "Nothing was written" in err
+    if where.startswith("runs/"):
+        assert f"did you mean {runs}?" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_dir_of_broken_runs_only_is_an_error(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write_run(runs, "bert_squad", "fp", {"pipeline": "bert_squad"}, logs=False)
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 2
+    assert "no run found in runs dir" in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_out_template_and_paper_reference_are_clear_errors(runs, tmp_path, capsys):
+    """FIXTURE files: each bad input names itself and the problem; nothing is written, and no traceback."""
+    out = tmp_path / "out"
+    before = _filled_out(out)
+    afile = tmp_path / "a_file"
+    afile.write_text("FIXTURE not a folder\n")
+    assert make_results.main([str(runs), "--out", str(afile)]) == 2
+    assert f"--out {afile}: {afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "FIXTURE not a folder\n"
+    assert make_results.main([str(runs), "--out", str(out), "--template", str(tmp_path / "READNE.md")]) == 2
+    assert f"README template {tmp_path / 'READNE.md'} (--template) does not exist" in capsys.readouterr().err
+    good = (SCRIPT.parent / "paper_reference.csv").read_text().splitlines()
+    for text, msg in [
+        ("\n".join(good[:2] + [good[2].replace(",88.5,", ",88.5%,")] + good[3:]),
+         "line 3, column 'value': '88.5%' is not a number"),
+        ("\n".join([good[0].replace("metric", "measure")] + good[1:]), "line 1 (header): no column metric"),
+    ]:
+        ref = tmp_path / "ref.csv"
+        ref.write_text(text + "\n")
+        assert make_results.main([str(runs), "--out", str(out), "--paper-ref", str(ref)]) == 2
+        assert f"{ref}, {msg}" in capsys.readouterr().err
+    assert make_results.main([str(runs), "--out", str(out), "--paper-ref", str(tmp_path / "nope.csv")]) == 2
+    assert "nope.csv (--paper-ref) does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_backup_copy_does_not_replace_the_stage_own_run(runs, tmp_path, capsys):
+    """A copy of qat4 (FIXTURE, edited F1) whose name sorts first: the dir named as reproduce.py names the stage
+    wins and the copy is reported; two copies without the real dir are both refused, not picked by name."""
+    real = runs / "mini" / "bert_squad" / "qat4"
+    for name, f1 in (("0_qat4_old", 99.0), ("qat4_dense_a", 1.0), ("qat4_dense_b", 2.0)):
+        stage = "qat4" if name == "0_qat4_old" else "qat4_dense"
+        _write_run(runs, "bert_squad", name, _metrics("bert_squad", stage, exact_match=f1, f1=f1), logs=False)
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    rows = {r["stage"]: r for r in _rows(out / "main_table.csv") if r["pipeline"] == "bert_squad"}
+    assert rows["qat4"]["f1"] == "55.0000" and rows["qat4"]["run_dir"] == "mini/bert_squad/qat4"
+    assert "skipped" in err and "0_qat4_old: duplicate of mini/bert_squad/qat4" in err and f"skipped {real}:" not in err
+    assert rows["qat4_dense"]["status"].startswith("not used: mini/bert_squad/qat4_dense_a and "
+                                                   "mini/bert_squad/qat4_dense_b all say they are")
+    assert rows["qat4_dense"]["f1"] == ""
+    skipped = dict(make_results.load_runs(runs)[1])
+    assert "mini/bert_squad/qat4 is that stage's own run dir" in skipped["mini/bert_squad/0_qat4_old"]
+    assert "none is used" in skipped["mini/bert_squad/qat4_dense_a"]
+
+
+def test_missing_and_unreadable_stages_keep_marked_rows(runs, tmp_path, capsys):
+    """bert_squad/sparse with a truncated metrics.json, abl_oneshot with a NaN F1 (FIXTURE): their rows stay,
+    marked, with empty values; the tally says how many configured ablations have a result."""
+    _write_run(runs, "bert_squad", "sparse", _metrics("bert_squad", "sparse", f1=1.0))
+    (runs / "mini" / "bert_squad" / "sparse" / "metrics.json").write_text('{"pipeline": "bert_squad", "st')
+    _write_run(runs, "bert_squad", "abl_oneshot", _metrics("bert_squad", "abl_oneshot", f1=float("nan")))
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "mini/bert_squad/sparse: main stage unreadable: metrics.json is not valid JSON" in err
+    assert "mini/wav2vec_librispeech/fp: main stage not run" in err
+    main = {(r["pipeline"], r["stage"]): r for r in _rows(out / "main_table.csv")}
+    sparse = main[("bert_squad", "sparse")]
+    assert sparse["status"].startswith("unreadable: metrics.json is not valid JSON") and sparse["f1"] == ""
+    assert sparse["run_dir"] == "mini/bert_squad/sparse" and sparse["row"] == "2:4"
+    md = (out / "main_table.md").read_text()
+    assert "| mini | 2:4 | sparse | **unreadable** |" in md and "| mini | FP | fp | **not run** |" in md
+    for table in md.split("\n\n"):  # a marked row has as many cells as the header
+        if table.startswith("| Scale"):
+            assert len({line.count(" | ") for line in table.splitlines() if not line.startswith("|---")}) == 1
+    assert "Without an FP result, Δ vs FP is empty." in md  # wav2vec_librispeech has no fp run
+    abl = {(r["pipeline"], r["stage"]): r for r in _rows(out / "ablations.csv")}
+    one = abl[("bert_squad", "abl_oneshot")]
+    assert one["status"] == "unreadable: metrics.json has no numeric value for its main_metric 'f1'"
+    assert one["value"] == "" and one["delta"] == "" and one["shows_paper_effect"] == "n/a"
+    n_cfg = len(list((ROOT / "bert_squad" / "configs" / "mini").glob("abl_*.yaml")))
+    text = (out / "ablations.md").read_text()
+    assert (f"- mini bert_squad: 1 of 1 ablations show the paper's effect (the full recipe better than the "
+            f"ablation). 1 of the {n_cfg} configured ablations have a result; no result for ") in text
+    assert "`abl_oneshot` (unreadable: metrics.json has no numeric value" in text
+    assert "`abl_quant_first` (not run)" in text
+
+
+def test_seed_means_over_different_seeds_give_no_delta(tmp_path):
+    """qat4's default seed unreadable (FIXTURE): its mean is over seeds 43 44, the ablation's over 42 43 44, so
+    no Δ of those means is shown, and the table says why."""
+    runs = tmp_path / "runs"
+    for stage in ("qat4", "abl_no_kd"):
+        for k, v in enumerate([55.0, 55.5, 54.5]):
+            _write_run(runs, "bert_squad", stage + (f"_seed{k}" if k else ""), _metrics(
+                "bert_squad", stage, f1=v, seed=42 + k, **({"seed_repeat": k} if k else {}),
+                ablation={"factor": "distillation", "variant": "no KD"}), logs=False)
+    (runs / "mini" / "bert_squad" / "qat4" / "metrics.json").write_text("{")
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    rows = {r["stage"]: r for r in _rows(out / "seeds.csv")}
+    assert rows["qat4"]["seeds"] == "43 44" and rows["abl_no_kd"]["seeds"] == "42 43 44"
+    a = rows["abl_no_kd"]
+    assert a["delta"] == "" and a["se"] == "" and a["full_recipe_mean"] == ""
+    assert a["shows_paper_effect"] == "no Δ: the full recipe has seeds 43 44, this one 42 43 44"
+    assert ("1 ablation not compared: not run on the same seeds as the full recipe"
+            in (out / "seeds.md").read_text())
 
 
 def test_wall_time_table_sums_main_rows_and_ablations(tmp_path, capsys):
