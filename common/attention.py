@@ -112,20 +112,23 @@ def register_hf_attention() -> None:
 def use_hf_compressed_attention(model: nn.Module) -> bool:
     """Switch a transformers model to the "compressed" attention function; False if it has no HF attention."""
     attention = [m for m in model.modules() if is_hf_attention(m)]
-    if not (hasattr(model, "set_attn_implementation") and attention):
+    if not attention:
         return False
     register_hf_attention()
-    model.set_attn_implementation(ATTN_IMPL)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPL)
     # transformers 5.17 does not pass the switch on to sub-models holding their own copy of a config of the same
-    # class (T5's encoder and decoder stacks): switch those too, and make sure no attention module was missed
+    # class (T5's encoder and decoder stacks): switch those too
     for sub in model.modules():
         if sub is not model and hasattr(sub, "set_attn_implementation") and \
                 getattr(sub.config, "_attn_implementation", ATTN_IMPL) != ATTN_IMPL:
             sub.set_attn_implementation(ATTN_IMPL)
-    missed = sorted({type(m).__name__ for m in attention if m.config._attn_implementation != ATTN_IMPL})
-    if missed:
-        raise RuntimeError(f"the compressed attention could not be switched on for {missed}: their config still "
-                           "names another attention implementation")
+    # what no set_attn_implementation reaches (ViT-MAE's decoder, a plain module with a deep copy of the config; HF
+    # layers inside a plain nn.Module): each attention module looks the function up by its own config's name, so
+    # naming it there is the switch
+    for m in attention:
+        if m.config._attn_implementation != ATTN_IMPL:
+            m.config._attn_implementation = ATTN_IMPL
     return True
 
 
@@ -151,15 +154,27 @@ def _calls_attention_interface(cls: type) -> bool | None:
     return "ALL_ATTENTION_FUNCTIONS" in src
 
 
+# child linears that make a module attention-like whatever its class name (timm XCiT's XCA and ConViT's MHSA hold a
+# fused qkv, ConViT's GPSA a fused qk and a v)
+_QKV_NAMES = (("qkv",), ("qk", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
+              ("q_lin", "k_lin", "v_lin"))
+
+
+def _is_linear(mod) -> bool:
+    return isinstance(mod, nn.Linear) or (mod is not None and as_linear(mod) is not None)
+
+
 def unsupported_attention(model: nn.Module, supported) -> list[tuple[str, str]]:
-    """(name, class) of attention-like modules (class name containing "Attention" or "Attn", holding their own
-    Q/K/V or output projection) that `supported(module)` rejects: their matmuls would stay unquantized, so prepare
-    reports them."""
+    """(name, class) of attention-like modules that `supported(module)` rejects: their matmuls would stay
+    unquantized, so prepare reports them. Attention-like: a class name containing "Attention" or "Attn" and a
+    Q/K/V or output projection of its own (a child linear), or, under any class name, Q/K/V projection linears
+    (`qkv`, `qk`/`v`, `query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj`, `q`/`k`/`v`, `q_lin`/`k_lin`/`v_lin`)."""
     out = []
     for name, mod in model.named_modules():
-        if not re.search("Attention|Attn", type(mod).__name__) or supported(mod):
+        if supported(mod):
             continue
-        if any(isinstance(c, nn.Linear) or as_linear(c) is not None for c in mod.children()):
+        named = re.search("Attention|Attn", type(mod).__name__) and any(_is_linear(c) for c in mod.children())
+        if named or any(all(_is_linear(getattr(mod, n, None)) for n in trio) for trio in _QKV_NAMES):
             out.append((name, f"{type(mod).__module__}.{type(mod).__name__}"))
     return out
 

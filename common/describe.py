@@ -1,6 +1,8 @@
-"""What `common.prepare` would do to a model, printed before anything is trained: which linears it compresses and
-to how many bits, which stay full precision and why, which attention modules get quantizers, and what it cannot
-cover (exit status 1 then). Only the architecture is built, on the meta device: no weights are read.
+"""What `common.prepare` would do to a model, printed before anything is trained: which linears it compresses, at how
+many bits per weight `common.export` will store them (codes, 2:4 index and scales; also the paper's values-only
+count, 16x for W4 + 2:4), which stay full precision and why, which attention modules get quantizers, and what it
+cannot cover (prepare would refuse: exit status 1 then). Only the architecture is built, on the meta device: no
+weights are read.
 
     python -m common.describe --hf bert-base-uncased          # a hub name or a local dir with config.json
     python -m common.describe --timm vit_base_patch16_224 --recipe my_recipe.yaml sparsity=null

@@ -3,20 +3,30 @@ moves from its start value to `end_p` over training — constant, linear, cosine
 from __future__ import annotations
 
 import math
+import re
 
 from torch import nn
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
 
 
+# float attributes holding a dropout rate that the module's forward passes to a functional dropout or attention call:
+# `dropout` (HF Wav2Vec2Attention, BART), `*_dropout` (Llama's attention_dropout, BART/Whisper's activation_dropout),
+# `*dropout_prob`, `*dropout_rate` (HF ViT's dropout_prob). choice: by name, as models do not declare them otherwise.
+_RATE_NAME = re.compile(r"(^|_)dropout(_prob|_rate)?$")
+
+
 def _dropout_sites(model: nn.Module):
-    """(module, attribute) pairs holding a dropout probability: nn.Dropout modules, and float `dropout`
-    attributes of attention modules that pass it to a functional call (e.g. HF Wav2Vec2Attention)."""
+    """(module, attribute) pairs holding a dropout probability: nn.Dropout modules' `p`, and float attributes of other
+    modules named like a dropout rate (see _RATE_NAME) with a value in [0, 1] (configs are not modules: not
+    visited)."""
     for mod in model.modules():
         if isinstance(mod, nn.modules.dropout._DropoutNd):
             yield mod, "p"
-        elif isinstance(getattr(mod, "dropout", None), float):
-            yield mod, "dropout"
+            continue
+        for attr, v in vars(mod).items():
+            if isinstance(v, float) and 0.0 <= v <= 1.0 and _RATE_NAME.search(attr):
+                yield mod, attr
 
 
 class ScheduledDropout:

@@ -4,7 +4,7 @@
                                              [--pipeline NAME] [--verify]
 
 Backbone linears keep only their 4-bit codes (two per byte) at the kept 2:4 positions, plus the positions as a
-compact index (6 patterns per group of 4: three groups per byte, or five per 13 bits with --index combo5), their
+compact index (6 patterns per group of 4: five groups per 13 bits, or three per byte with --index combo3), their
 scales and the activation clips; everything else (embeddings, LayerNorm, heads, conv encoder, biases) is stored
 in --dtype. `load_compressed` rebuilds a converted model whose outputs are bit-identical to `common.convert(...)`
 of the training model when the file was written with dtype float32 (fp16/bf16 round the non-backbone tensors;
@@ -35,6 +35,7 @@ from torch import nn
 
 from . import packing
 from .fake_quant import act_qparams, quantize_act, weight_qrange
+from .linear import as_linear
 from .prepare import FrozenCompressedLinear, act_quantizers, convert, prepare
 from .recipe import Recipe, RecipeError
 
@@ -500,9 +501,8 @@ def load_compressed(path, model: nn.Module | None = None) -> nn.Module:
     if getattr(model, "compression_recipe", None) is None:
         mods = dict(model.named_modules())
         for name, e in layers.items():
-            lin = mods.get(name)
-            if isinstance(lin, nn.Linear) and (lin.out_features, lin.in_features) != (e["out_features"],
-                                                                                       e["in_features"]):
+            lin = as_linear(mods[name]) if name in mods else None  # nn.Linear, or transformers' Conv1D
+            if lin is not None and (lin.out_features, lin.in_features) != (e["out_features"], e["in_features"]):
                 raise CompressedFormatError(
                     f"{path}: the model does not match the checkpoint: layer {name} is {e['out_features']}x"
                     f"{e['in_features']} in the file, {lin.out_features}x{lin.in_features} in the model")
@@ -779,7 +779,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--report", action="store_true", help="print the full size report (JSON)")
     ap.add_argument("--dtype", default="fp16", help="non-backbone tensors: fp16 (default), bf16 or fp32")
     ap.add_argument("--index", default="combo5", choices=("combo3", "combo5"),
-                    help="2:4 index: 3 groups per byte (default) or 5 groups per 13 bits (smaller)")
+                    help="2:4 index: 5 groups per 13 bits (combo5, default, smaller) or 3 groups per byte "
+                         "(combo3, byte-aligned)")
     ap.add_argument("--pipeline", default=None, help=f"loader to use (default: detected); known: {sorted(LOADERS)}")
     ap.add_argument("--verify", action="store_true", help="reload the file and compare every tensor")
     a = ap.parse_args(argv)

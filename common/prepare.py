@@ -35,9 +35,14 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
     """
     if getattr(model, "compression_recipe", None) is not None:
         raise ValueError("model is already prepared; build a fresh model to prepare it with another recipe")
-    todo = prepare_plan(model, recipe)  # settled first, so that a refusal leaves the model as it was
+    # what can fail comes before the first module is swapped, so that a refusal leaves the model as it was: the plan
+    # (unsupported attention, masks that do not fit their layers), then the attention switch (undone on error).
+    # choice: layers are then swapped one at a time, not all built first (that would hold every backbone weight twice)
+    todo = prepare_plan(model, recipe, masks)
     if todo.error():
         raise ValueError(f"prepare: {todo.error()}")
+    if todo.attention:
+        _switch_attention(model)
     masks = masks or {}
     nm = recipe.nm
     density = nm[0] / nm[1] if nm else 1.0
@@ -64,10 +69,28 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
             _set_child(model, name, timm_compressed_attention(mod, quants))
         else:
             mod.attn_quant = quants
-    if todo.attention:
-        use_hf_compressed_attention(model)
     model.compression_recipe = recipe
     return model
+
+
+def _switch_attention(model: nn.Module) -> None:
+    """use_hf_compressed_attention, undone if it fails: every config the model's modules hold gets its attention
+    implementation back (parents before their sub-configs, whose value a parent's setter overwrites)."""
+    configs, seen = [], set()
+    queue = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
+    while queue:
+        cfg = queue.pop(0)
+        if id(cfg) in seen or not hasattr(cfg, "_attn_implementation"):
+            continue
+        seen.add(id(cfg))
+        configs.append((cfg, cfg._attn_implementation))
+        queue += [getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {})]
+    try:
+        use_hf_compressed_attention(model)
+    except BaseException:
+        for cfg, impl in configs:
+            cfg._attn_implementation = impl
+        raise
 
 
 def compressed_linears(model: nn.Module) -> dict[str, nn.Module]:

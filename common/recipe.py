@@ -21,6 +21,12 @@ DEFAULT_SKIP = [
     r"(^|\.)pooler(\.|$)",
     r"(^|\.)(qa_outputs|classifier|pre_classifier|classification_head|score|lm_head|cls|vocab_transform|"
     r"vocab_projector|head|head_dist|attn_pool|fc_norm|project_hid|project_q|quantizer)(\.|$)",
+    # more task heads, by the names transformers gives them: DeiT/LeViT teacher heads (cls_classifier,
+    # distillation_classifier, classifier_distill), YOLOS/DETR box heads (class_labels_classifier, bbox_predictor),
+    # audio classification (projector), ELECTRA/ALBERT prediction heads (discriminator_predictions, predictions),
+    # segmentation heads (decode_head, auxiliary_head), CLIP's projections, ViT-MAE's pixel head (decoder_pred)
+    r"(^|\.)(\w+_classifier|classifier_\w+|bbox_predictor|projector|(\w+_)?predictions|decode_head|auxiliary_head|"
+    r"visual_projection|text_projection|decoder_pred)(\.|$)",
     r"(^|\.)(feature_extractor|feature_projection|pos_conv_embed|patch_embed|masked_spec_embed)(\.|$)",
 ]
 

@@ -77,6 +77,53 @@ def test_scheduled_dropout_reaches_functional_attention_dropout():
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
 
 
+def _missed_before():
+    """Models whose dropout rates live in float attributes other than `dropout` (HF ViT's attention_dropout, Llama's
+    attention_dropout, BART's activation_dropout)."""
+    import transformers as T
+    S = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return {
+        "vit_hf": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_dropout_prob=0.1,
+                                                                  attention_probs_dropout_prob=0.1, **S)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, attention_dropout=0.1, **S)),
+        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, dropout=0.1, attention_dropout=0.1,
+            activation_dropout=0.1)),
+    }
+
+
+@pytest.mark.parametrize("name", ["vit_hf", "llama", "bart"])
+def test_scheduled_dropout_reaches_every_dropout_rate(name):
+    model = _missed_before()[name]()
+    sd = ScheduledDropout(model, 10, "linear")
+    assert 0.1 in sd.current()
+    sd.step(10)
+    left = {f"{n}.{a}": v for n, m in model.named_modules() for a, v in vars(m).items()
+            if "drop" in a and isinstance(v, float) and v > 0 and a != "layerdrop"}
+    left.update({f"{n}.p": m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0})
+    assert left == {}
+
+
+def test_the_pipelines_models_schedule_the_same_sites_as_before():
+    """The paper's three pipelines (HF BERT QA, HF Wav2Vec2 CTC, timm ViT; plain, and prepared with CPU fast dropout
+    as they train) schedule what the first rule did: every dropout module's p and float `dropout` attributes."""
+    from tiny_models import tiny_bert_qa, tiny_vit
+
+    def first_rule(model):
+        return [(m, "p") if isinstance(m, nn.modules.dropout._DropoutNd) else (m, "dropout") for m in model.modules()
+                if isinstance(m, nn.modules.dropout._DropoutNd) or isinstance(getattr(m, "dropout", None), float)]
+    for build in (tiny_bert_qa, tiny_wav2vec2_ctc, tiny_vit):
+        for prepared in (False, True):
+            model = build()
+            if prepared:
+                common.prepare(model, common.Recipe())
+                common.use_fast_dropout(model)
+            sd = ScheduledDropout(model, 10)
+            assert sd.sites == first_rule(model) and len(sd.sites) >= 7, build.__name__
+            assert sd.start == [getattr(m, a) for m, a in first_rule(model)]
+
+
 def _student_and_teacher():
     torch.manual_seed(0)
     teacher = tiny_wav2vec2_ctc()

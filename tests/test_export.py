@@ -104,6 +104,10 @@ def test_round_trip_is_bit_exact(name, tmp_path):
     ref = _run(model, batch)
     f = tmp_path / f"{name}.safetensors"
     rep = export_model(model, f, extra_meta={"note": "test"}, dtype=torch.float32)
+    plan = common.prepare_plan(CASES[name][0](), common.Recipe()).summary()  # the export's default index, combo5
+    for k in ("backbone_bytes", "bits_per_backbone_weight", "backbone_ratio_vs_fp32"):
+        assert plan[k] == rep[k], k
+    assert plan["value_bits_per_weight"] == 2.0 and plan["value_ratio_vs_fp32"] == 16.0  # the paper's 16x: values
     loaded = load_compressed(f)  # architecture rebuilt from the stored config / timm args
     assert loaded is not model and type(loaded) is type(model)
     for a, b in zip(ref, _run(loaded, batch)):
@@ -146,9 +150,12 @@ def test_fp16_storage_is_close_and_backbone_exact(tmp_path):
     assert export_model(model, f32, dtype="fp32")["file_bytes"] > rep["file_bytes"]
 
 
-@pytest.mark.parametrize("variant", ["dense_w4", "plain_grid", "per_channel_combo5", "sparse_fp", "w8"])
+@pytest.mark.parametrize("variant", ["dense_w4", "plain_grid", "per_channel_combo5", "sparse_fp", "w8", "combo3",
+                                     "bitmask_1_4"])
 def test_recipe_variants_round_trip(variant, tmp_path):
     recipe, kw = {
+        "combo3": (common.Recipe(), {"index": "combo3"}),
+        "bitmask_1_4": (common.Recipe(sparsity="1:4"), {}),
         "dense_w4": (common.Recipe(sparsity=None), {}),
         "plain_grid": (common.Recipe(zero_preserving=False), {}),
         "per_channel_combo5": (common.Recipe(per_channel=True), {"index": "combo5"}),
@@ -161,8 +168,15 @@ def test_recipe_variants_round_trip(variant, tmp_path):
         with pytest.warns(UserWarning, match="plain grid"):
             rep = export_model(model, f, dtype=torch.float32, **kw)
         assert rep["dense_linears"] == rep["backbone_linears"] and rep["notes"]
+    elif variant == "bitmask_1_4":
+        with pytest.warns(UserWarning, match="not 2:4; index stored as a bitmask"):
+            rep = export_model(model, f, dtype=torch.float32, **kw)
     else:
         rep = export_model(model, f, dtype=torch.float32, **kw)
+    # the plan says beforehand, from the shapes alone, what the file stores for the backbone
+    plan = common.prepare_plan(tiny_vit(), recipe).summary(index=kw.get("index", "combo5"), float_bytes=4)
+    assert [plan[k] for k in ("backbone_bytes", "bits_per_backbone_weight", "backbone_ratio_vs_fp32")] == [
+        rep[k] for k in ("backbone_bytes", "bits_per_backbone_weight", "backbone_ratio_vs_fp32")]
     for a, b in zip(_run(model, batch), _run(load_compressed(f), batch)):
         assert torch.equal(a, b)
     assert rep["file_bytes"] == os.path.getsize(f)
@@ -293,6 +307,26 @@ def test_model_that_does_not_match(bert_file):
                                                  max_position_embeddings=64))
     with pytest.raises(CompressedFormatError, match=r"only in the model \['bert\.encoder\.layer\.2"):
         load_compressed(bert_file, model=deeper)
+
+
+def test_conv1d_model_that_does_not_match_names_the_layer(tmp_path):
+    """GPT-2's Conv1D layers are checked against the file's shapes as nn.Linear layers are."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = lambda width: GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=100))  # noqa: E731
+    model = common.prepare(gpt2(32), common.Recipe())
+    common.calibrate(model, [torch.randint(0, 100, (2, 8))])
+    export_model(model, tmp_path / "g.safetensors")
+    with pytest.raises(CompressedFormatError, match=r"layer transformer\.h\.0\.attn\.c_attn is 96x32 in the file, "
+                                                     r"192x64 in the model"):
+        load_compressed(tmp_path / "g.safetensors", model=gpt2(64))
+
+
+def test_cli_help_names_the_default_index(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "5 groups per 13 bits (combo5, default" in out and "3 groups per byte (default)" not in out
+    assert "five groups per 13 bits, or three per byte with --index combo3" in out
 
 
 def test_unprepared_model_and_unrebuildable_spec(tmp_path):
