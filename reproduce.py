@@ -241,7 +241,8 @@ def export_if_quantized(cfg: dict, pipeline: str, isolate: bool = False) -> None
     if (run / "compression.json").exists() and (run / "compression.json").stat().st_mtime >= \
             (run / "metrics.json").stat().st_mtime:
         return
-    rc = call_main("common.export", [str(run), str(run / "model.c16.safetensors"), "--pipeline", pipeline], isolate)
+    rc = call_main("common.export", [str(run), str(run / "model.c16.safetensors"), "--pipeline", pipeline,
+                                           "--overwrite"], isolate)
     print(f"[reproduce] {pipeline}/{cfg['stage']}: export {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
 
 

@@ -1,7 +1,7 @@
 """Real compressed checkpoints: the converted model on disk at its true size, and back (format: format in common/README.md).
 
     python -m common.export RUN_DIR OUT_FILE [--report] [--dtype fp16|bf16|fp32] [--index combo3|combo5]
-                                             [--pipeline NAME] [--verify]
+                                             [--pipeline NAME] [--verify] [--overwrite]
 
 Backbone linears keep only their 4-bit codes (two per byte) at the kept 2:4 positions, plus the positions as a
 compact index (6 patterns per group of 4: five groups per 13 bits, or three per byte with --index combo3), their
@@ -783,7 +783,12 @@ def main(argv=None) -> dict:
                          "(combo3, byte-aligned)")
     ap.add_argument("--pipeline", default=None, help=f"loader to use (default: detected); known: {sorted(LOADERS)}")
     ap.add_argument("--verify", action="store_true", help="reload the file and compare every tensor")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
     a = ap.parse_args(argv)
+    if not a.run_dir.is_dir():
+        raise CompressedFormatError(f"{a.run_dir}: no such run dir")
+    if a.out_file.exists() and not a.overwrite:  # nothing a user made is replaced unasked
+        raise CompressedFormatError(f"{a.out_file} exists; pass --overwrite to replace it")
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:  # pipeline packages (bert_squad, ...) live next to common/
         sys.path.insert(0, root)
@@ -793,4 +798,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runs import cli
+    cli(main, CompressedFormatError)

@@ -236,14 +236,15 @@ def reevaluated(prev: dict, new: dict) -> dict:
     return out
 
 
-def cli(main) -> None:
-    """A script's entry point: a bad config, run dir, recipe or missing input file ends with one line naming it
-    (exit 2), not a traceback; anything else is a bug and keeps its traceback."""
+def cli(main, *input_errors: type[Exception]) -> None:
+    """A script's entry point: a bad config, run dir, recipe or missing input file (or one of the script's own
+    `input_errors`) ends with one line naming it (exit 2), not a traceback; anything else is a bug and keeps its
+    traceback."""
     import sys
     from .config import ConfigError
     from .recipe import RecipeError
     try:
         main()
-    except (ConfigError, RunError, RecipeError, FileNotFoundError) as e:
+    except (ConfigError, RunError, RecipeError, FileNotFoundError, *input_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

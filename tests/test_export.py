@@ -397,6 +397,11 @@ def test_cli_exports_a_bert_squad_run(tmp_path, capsys):
     common.convert(model)
     for a, b in zip(_run(model, batch), _run(load_compressed(out), batch)):
         assert torch.equal(a, b)
+    with pytest.raises(CompressedFormatError, match="exists; pass --overwrite"):  # the file is the user's
+        main([str(run), str(out)])
+    assert main([str(run), str(out), "--overwrite", "--dtype", "fp32"])["file_bytes"] == saved["file_bytes"]
+    with pytest.raises(CompressedFormatError, match="no such run dir"):
+        main([str(tmp_path / "nope"), str(tmp_path / "x.safetensors")])
 
 
 @pytest.mark.parametrize("pipeline", ["vit_imagenet", "wav2vec_librispeech"])
