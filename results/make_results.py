@@ -510,7 +510,9 @@ SCALE_SENTENCE = (
     "data. `mini` rows come from scaled-down smoke runs (smaller models, data and step counts; see the "
     "Note column): they show that the pipeline works end to end and are **not** a reproduction of the "
     "paper's numbers, so do not compare them with the Paper columns. Paper columns marked n/a have no "
-    "number available offline (see `results/paper_reference.csv`)."
+    "number available offline (see `results/paper_reference.csv`). **Value bits** and **value ratio** count "
+    "the kept weight values only (4 bits at 2:4 = 2 bits, 16×: the paper's accounting); the **Export** columns "
+    "are the bytes of the file `common.export` writes (codes, 2:4 index, scales)."
 )
 
 
@@ -530,7 +532,7 @@ def main_table_md(recs: list[dict], runs: list[Run], ref: dict) -> str:
                          for r in prec)
         header = (["Scale", "Row", "Stage", "Model"] + [metric_label(k) for k in mets]
                   + [f"Δ {metric_label(main)} vs FP"] + [f"Paper {metric_label(k)}" for k in paper_mets]
-                  + ["W/A bits", "Sparsity", "Bits / backbone weight", "Backbone ratio vs FP32"]
+                  + ["W/A bits", "Sparsity", "Value bits / backbone weight", "Value ratio vs FP32"]
                   + (["Export backbone ×FP32", "Export model ×FP32", "Export model ×FP16", "File MB"]
                      if has_export else [])
                   + ["Steps", "Hardware", "Date", "Note"])
@@ -819,7 +821,7 @@ def plot_metric_vs_compression(recs: list[dict], runs: list[Run], ref: dict, out
                     label="paper reference (nominal ratio)")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1×", "2×", "4×", "8×", "16×"])
-        ax.set_xlabel("backbone compression ratio vs FP32")
+        ax.set_xlabel("backbone compression ratio vs FP32 (values only, the paper's count)")
         ax.set_ylabel(f"{metric_label(main)} (%, {better_word(hib)})")
         ax.set_title(f"{PIPELINE_TITLES.get(p, p)}\n{label_runs([r for r in runs if r.pipeline == p])}",
                      fontsize=8)
