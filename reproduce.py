@@ -263,11 +263,11 @@ def main(argv=None) -> int:
         ap.error(f"--seeds must be at least 1, got {a.seeds}")
     if a.nproc < 1:
         ap.error(f"--nproc must be at least 1, got {a.nproc}")
-    isolate = bool(a.isolate)
-    os.environ["RUNS_DIR"] = a.runs_dir
     pipelines = [p.rstrip("/") for p in a.pipelines]  # a shell's tab completion adds the slash
     if unknown := [p for p in pipelines if p not in PIPELINES]:
         ap.error(f"unknown pipeline(s) {', '.join(unknown)}; choose from {', '.join(PIPELINES)}")
+    isolate = bool(a.isolate)
+    os.environ["RUNS_DIR"] = a.runs_dir
     problems = [m for p in pipelines for m in batch_problems(p, a.scale, stages_of(p, a.scale, bool(a.quick)),
                                                              a.nproc)]
     if problems:

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _runs_dir_env():
+    """reproduce.main sets RUNS_DIR for its stages: restored after every test, so that no later test's stages
+    resolve their output dirs into the repository's runs/."""
+    old = os.environ.get("RUNS_DIR")
+    yield
+    if old is None:
+        os.environ.pop("RUNS_DIR", None)
+    else:
+        os.environ["RUNS_DIR"] = old
 
 
 @pytest.fixture

@@ -106,7 +106,8 @@ def test_hub_reachable_accepts_the_local_cache(tmp_path, monkeypatch):
     assert not reproduce.hub_reachable("timm/other-test", "model")
 
 
-def test_unknown_pipeline_names_are_refused(capsys):
+def test_unknown_pipeline_names_are_refused(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))  # restored after the test, should main() set it
     with pytest.raises(SystemExit):
         reproduce.main(["--pipelines", "bert", "vit_imagenet"])
     assert "unknown pipeline(s) bert; choose from bert_squad, vit_imagenet, wav2vec_librispeech" in \
