@@ -67,8 +67,18 @@ def repeat_overrides(cfg: dict, k: int) -> list[str]:
 
 
 def comparable(cfg: dict) -> dict:
-    # a key added to the configs later with a null default does not make finished runs stale
-    return {k: v for k, v in cfg.items() if k not in VOLATILE and v is not None}
+    """The config as far as it decides the run: a key added to the configs later with a null default does not make
+    finished runs stale, nor does RUNS_DIR given once relative and once absolute (paths under it are compared
+    absolute)."""
+    runs = str(cfg.get("runs_dir") or "").rstrip("/")
+
+    def norm(v):
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if runs and isinstance(v, str) and (v == runs or v.startswith(runs + "/")):
+            return os.path.abspath(v)
+        return v
+    return {k: norm(v) for k, v in cfg.items() if k not in VOLATILE and v is not None}
 
 
 def run_state(cfg: dict) -> str:
@@ -85,6 +95,27 @@ def run_state(cfg: dict) -> str:
     if not isinstance(saved, dict) or comparable(saved) != comparable(cfg):
         return "other"
     return "done" if (run / "metrics.json").exists() else "interrupted"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(cfg: dict, most: int = 3) -> str:
+    """How the run dir's config.yaml differs from `cfg` (the first keys), for the set-aside message."""
+    try:
+        saved = yaml.safe_load((Path(cfg["output_dir"]) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        return f"no readable config.yaml ({type(e).__name__})"
+    if not isinstance(saved, dict):
+        return "its config.yaml is not a mapping"
+    old, new = _flat(comparable(saved)), _flat(comparable(cfg))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:most])
+    return f"made with another config ({shown}{'; ...' if len(keys) > most else ''})"
 
 
 def set_aside(run: Path) -> Path:
@@ -298,8 +329,8 @@ def main(argv=None) -> int:
                     export_if_quantized(cfg, p, isolate)
                 continue
             if state == "other" and not a.force:  # FORCE=1 asks to replace it
-                print(f"[reproduce] {name}: {cfg['output_dir']} was made with another config (or has no readable "
-                      f"config.yaml); moved to {set_aside(Path(cfg['output_dir']))}", flush=True)
+                print(f"[reproduce] {name}: {cfg['output_dir']}: {config_changes(cfg)}; moved to "
+                      f"{set_aside(Path(cfg['output_dir']))}", flush=True)
             resume = state == "interrupted" and not a.force
             print(f"[reproduce] {name}: {'resuming' if resume else 'running'} ...", flush=True)
             t0 = time.time()

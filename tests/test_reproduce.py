@@ -29,6 +29,9 @@ def test_run_state_done_only_with_metrics_and_same_config(tmp_path, monkeypatch)
     assert reproduce.run_state(cfg) == "done"
     changed = dict(cfg, train={**cfg["train"], "learning_rate": 1.0})
     assert reproduce.run_state(changed) == "other"
+    monkeypatch.chdir(tmp_path)  # RUNS_DIR given relative this time: the same run dirs, the same config
+    monkeypatch.setenv("RUNS_DIR", ".")
+    assert reproduce.run_state(reproduce.resolved("bert_squad", "mini", "qat4")) == "done"
     (run / "config.yaml").write_text("train: [unclosed")
     assert reproduce.run_state(cfg) == "other"
 
@@ -54,7 +57,7 @@ def test_existing_runs_are_resumed_or_set_aside_never_deleted(tmp_path, monkeypa
     assert (fp / "mine.txt").read_text() == "fp"
     aside = list((pipe / ".replaced").iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("sparse-") and (aside[0] / "mine.txt").read_text() == "sparse"
-    assert f"moved to {aside[0]}" in capsys.readouterr().out
+    assert f"made with another config (seed_repeat: 9 -> None); moved to {aside[0]}" in capsys.readouterr().out
     launched.clear()
     (sparse.mkdir(), (sparse / "config.yaml").write_text(yaml.safe_dump({"other": 1})))
     assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet",
