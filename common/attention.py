@@ -27,13 +27,13 @@ ATTN_IMPL = "compressed"
 class AttentionQuantizers(nn.Module):
     """One quantizer per matmul operand: q, k (Q·Kᵀ) and p (softmax output), v (P·V)."""
 
-    def __init__(self, bits: int, prob_bits: int, method: str, zero_preserving: bool):
+    def __init__(self, bits: int, prob_bits: int, method: str, zero_preserving: bool, prob_method: str | None = None):
         super().__init__()
         self.q = ActQuantizer(bits, method, zero_preserving)
         self.k = ActQuantizer(bits, method, zero_preserving)
         self.v = ActQuantizer(bits, method, zero_preserving)
         # probabilities are in [0, 1]: one-sided, and exact zeros (masked keys) stay zero on any grid
-        self.p = ActQuantizer(prob_bits, method, zero_preserving, signed=False, init_range=(0.0, 1.0))
+        self.p = ActQuantizer(prob_bits, prob_method or method, zero_preserving, signed=False, init_range=(0.0, 1.0))
 
 
 def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants: AttentionQuantizers | None,

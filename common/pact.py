@@ -97,7 +97,8 @@ class ActQuantizer(nn.Module):
         whole, offset = (per * total, per * start) if per is not None else (flat.numel(), 0)
         stride = whole // (1 << 18) + 1 if whole > 1 << 18 else 1  # keeps percentile estimation cheap
         self._pending.append(flat[(-offset) % stride:: stride])
-        self._pct = float(self.observing) if self.observing else 99.9
+        # min/max takes the observed range (percentile 100), whatever percentile calibrate asks of the others
+        self._pct = 100.0 if self.method == "minmax" else float(self.observing) if self.observing else 99.9
 
     @torch.no_grad()
     def end_batch(self) -> None:
@@ -116,7 +117,9 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def finish_calibration(self) -> bool:
-        """Set the clips from the mean per-batch percentiles. Returns False if nothing was observed."""
+        """Set the clips from the mean per-batch percentiles. Returns False if nothing was observed. (choice: the
+        mean over batches of each batch's percentiles, on a strided subsample of at most 2^18 values per batch;
+        the IBM library is known only to start the clips from the 0.1/99.9 percentiles of calibration data.)"""
         self.end_batch()
         if self._obs is None:
             return False

@@ -64,7 +64,8 @@ def prepare(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | N
     prob_bits = recipe.attn_prob_bits or recipe.a_bits
     for name in todo.attention:
         mod = model.get_submodule(name)
-        quants = AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving)
+        quants = AttentionQuantizers(recipe.a_bits, prob_bits, recipe.a_quantizer, recipe.zero_preserving,
+                                     recipe.attn_prob_quantizer)
         if is_timm_attention(mod):
             _set_child(model, name, timm_compressed_attention(mod, quants))
         else:

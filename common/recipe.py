@@ -47,6 +47,10 @@ class Recipe:
     # Bits of the softmax output (the P in P·V). None = a_bits. IBM's library keeps it at >= 8 bits; the paper's
     # "4-bit backbone" suggests 4, so the default follows a_bits and this stays a knob (choice).
     attn_prob_bits: int | None = None
+    # Quantizer of the softmax output. None = a_quantizer: with PACT, a clip calibrated at calib_percentile and then
+    # learned, which may cut the largest probabilities (choice, as for every activation). "minmax": the observed
+    # range, not learned; with attn_prob_bits: 8 it is IBM's library default for this operand.
+    attn_prob_quantizer: str | None = None
     sparsity: str | None = "2:4"
     skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))
     # the module a Hugging Face model returns from get_output_embeddings() (its LM / CTC head, whatever its name)
@@ -73,6 +77,9 @@ class Recipe:
             bad("w_quantizer", f"unknown weight quantizer {self.w_quantizer!r}; allowed: {WEIGHT_QUANTIZERS}")
         if self.a_quantizer not in ACT_QUANTIZERS:
             bad("a_quantizer", f"unknown activation quantizer {self.a_quantizer!r}; allowed: {ACT_QUANTIZERS}")
+        if self.attn_prob_quantizer is not None and self.attn_prob_quantizer not in ACT_QUANTIZERS:
+            bad("attn_prob_quantizer", f"unknown activation quantizer {self.attn_prob_quantizer!r}; allowed: "
+                                       f"{ACT_QUANTIZERS} or null (= a_quantizer)")
         for key in ("per_channel", "zero_preserving", "quantize_attention", "keep_output_embeddings"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, f"must be true/false, got {getattr(self, key)!r}")

@@ -586,7 +586,9 @@ ABL_SENTENCE = (
     "one of these factors as helping, i.e. each ablation worse than the full recipe; the last column says "
     "whether this run shows that. `mini` rows are smoke-scale runs, not the paper's ablations. This table is the "
     "default seed alone, where a Δ of a few tenths of a point is within noise; the spread over seeds and the "
-    "deltas of their means are in the next section (`make reproduce SEEDS=3`)."
+    "deltas of their means are in the next section (`make reproduce SEEDS=3`). The one-stage variants "
+    "(`abl_oneshot`, `abl_pretrained_init`) also train one compression stage instead of two, so less in all; "
+    "`abl_pretrained_init` against `abl_oneshot` isolates the starting checkpoint."
 )
 
 

@@ -133,6 +133,37 @@ def test_calibration_sets_percentile_clips():
     assert not bool(pos.signed) and pos.lo.item() == 0.0
 
 
+def test_minmax_calibrates_to_the_observed_range():
+    """min/max takes the observed extremes whatever percentile calibrate asks for, and is not learned."""
+    q = ActQuantizer(4, "minmax")
+    q.observing = 99.0
+    x = torch.arange(-100, 1001, dtype=torch.float32)
+    q(x)
+    q.observing = False
+    assert q.finish_calibration()
+    assert (q.lo.item(), q.hi.item()) == (-100.0, 1000.0) and not q.hi.requires_grad
+
+
+def test_softmax_output_quantizer_is_a_recipe_choice():
+    """attn_prob_quantizer: null follows a_quantizer (PACT, percentile clip); minmax (IBM's default, with 8 bits)
+    keeps the whole observed probability range, so the largest probabilities are not cut."""
+    import common
+    from common.recipe import RecipeError
+    from tiny_models import bert_batch, tiny_bert_qa
+    clips = {}
+    for which in (None, "minmax"):
+        torch.manual_seed(0)
+        model = common.prepare(tiny_bert_qa(), common.Recipe(attn_prob_quantizer=which, attn_prob_bits=8))
+        common.calibrate(model, [bert_batch()], percentile=90.0)
+        ps = [m.attn_quant.p for m in model.modules() if hasattr(m, "attn_quant")]
+        assert ps and all(p.method == (which or "pact") and p.bits == 8 for p in ps)
+        assert all(m.attn_quant.q.method == "pact" for m in model.modules() if hasattr(m, "attn_quant"))
+        clips[which] = [p.hi.item() for p in ps]
+    assert all(pct < mx <= 1.0 for pct, mx in zip(clips[None], clips["minmax"]))
+    with pytest.raises(RecipeError, match="attn_prob_quantizer"):
+        common.Recipe(attn_prob_quantizer="lsq")
+
+
 def test_clips_are_one_element_and_old_scalar_checkpoints_load():
     """FSDP2 refuses 0-dim parameters, so the clips have shape [1]; a checkpoint that stored them 0-dim (before
     that change) still loads, to the same values, and trains."""
