@@ -139,8 +139,11 @@ def main(argv=None) -> dict:
     build = model_builder(cfg)
 
     def calib_batches():
+        # global batches of a seeded permutation, as ViT's and wav2vec2's (choice): in file order they would be the
+        # first one or two SQuAD articles, the same for every seed
+        order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(args.seed)).tolist()
         loader = torch.utils.data.DataLoader(train_features.remove_columns(["start_positions", "end_positions"]),
-                                             batch_size=global_batch_of(args), shuffle=False,
+                                             batch_size=global_batch_of(args), sampler=order,
                                              collate_fn=collator(cfg, tokenizer))
         return iter(loader)
 
