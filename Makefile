@@ -11,6 +11,8 @@ ISOLATE ?= 0
 SEEDS ?= 1
 NPROC ?= 1
 PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
+RESULTS_DIR ?= results
+OVERRIDES ?=
 
 .PHONY: test reproduce results venv clean-venv bench bench-gpu gpu-check
 
@@ -28,10 +30,10 @@ test: venv
 
 # The main job: every stage (and ablation) of every pipeline at SCALE, then results/ regenerated from the runs.
 reproduce: venv
-	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --isolate $(ISOLATE) --seeds $(SEEDS) --nproc $(NPROC) --pipelines $(PIPELINES)
+	$(VPY) reproduce.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --quick $(QUICK) --force $(FORCE) --isolate $(ISOLATE) --seeds $(SEEDS) --nproc $(NPROC) --results-dir $(RESULTS_DIR) --pipelines $(PIPELINES) $(if $(strip $(OVERRIDES)),--set $(OVERRIDES))
 
 results: venv
-	$(VPY) results/make_results.py $(RUNS_DIR) --out results
+	$(VPY) results/make_results.py $(RUNS_DIR) --out $(RESULTS_DIR)
 
 # CPU step-time and peak-memory ratios (run on a quiet machine), appended to results/benchmarks.jsonl, then
 # results/benchmarks.md rewritten from all the lines there

@@ -127,24 +127,27 @@ def set_aside(run: Path) -> Path:
     return dest
 
 
-def batch_problems(pipeline: str, scale: str, stages: list[str], nproc: int) -> list[str]:
+def batch_problems(pipeline: str, scale: str, stages: list[str], nproc: int,
+                   overrides: list[str] | None = None) -> list[str]:
     """The stages whose global batch cannot be kept on `nproc` processes, found before anything runs: each
     pipeline's train.py splits its own batch keys (`batch_split(cfg, world)`), so they are named in one place."""
     split = importlib.import_module(f"{pipeline}.train").batch_split
     problems = []
     for stage in stages:
         try:
-            split(resolved(pipeline, scale, stage), nproc)
+            split(resolved(pipeline, scale, stage, overrides), nproc)
         except ConfigError as e:
             problems.append(str(e))  # names the stage's config file, as train.py would
     return problems
 
 
-def missing_inputs(pipeline: str, scale: str) -> list[str]:
-    """What the paper-scale configs need that is not on disk and not reachable on the hub."""
+def missing_inputs(pipeline: str, scale: str, stages: list[str] | None = None,
+                   overrides: list[str] | None = None) -> list[str]:
+    """What the paper-scale configs of `stages` (default: all) need that is not on disk and not reachable on the
+    hub."""
     problems = []
-    for stage in stages_of(pipeline, scale, quick=False):
-        cfg = resolved(pipeline, scale, stage)
+    for stage in stages or stages_of(pipeline, scale, quick=False):
+        cfg = resolved(pipeline, scale, stage, overrides)
         for section in (cfg, cfg.get("data") or {}):
             for key, val in section.items():
                 if isinstance(val, str) and key.endswith(("_file", "_dir", "_root", "data_dir")) \
@@ -277,6 +280,18 @@ def export_if_quantized(cfg: dict, pipeline: str, isolate: bool = False) -> None
     print(f"[reproduce] {pipeline}/{cfg['stage']}: export {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
 
 
+def split_override(o: str) -> tuple[str | None, str]:
+    """'[PIPELINE[/STAGE]:]KEY=VALUE' -> (the prefix or None, 'KEY=VALUE'); a ':' after the '=' is the value's."""
+    head, sep, rest = o.partition(":")
+    return (head, rest) if sep and "=" not in head else (None, o)
+
+
+def overrides_for(pipeline: str, stage: str, given: list[str]) -> list[str]:
+    """The --set overrides that apply to a stage: unprefixed ones, PIPELINE: ones of its pipeline, and
+    PIPELINE/STAGE: ones of itself."""
+    return [kv for prefix, kv in map(split_override, given) if prefix in (None, pipeline, f"{pipeline}/{stage}")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=["mini", "paper"], default="mini")
@@ -289,6 +304,11 @@ def main(argv=None) -> int:
                     help="N > 1: also run every stage but fp with N-1 other seeds (results/seeds.md)")
     ap.add_argument("--nproc", type=int, default=1,
                     help="N > 1: each stage on N processes (torchrun, one node), keeping its global batch")
+    ap.add_argument("--results-dir", default=str(ROOT / "results"),
+                    help="where the tables and plots of the runs go (default: the repository's results/)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="[PIPELINE:]KEY=VALUE",
+                    help="config overrides for every stage, or for one pipeline's stages with the prefix (e.g. "
+                         "bert_squad:data.train_file=/data/train-v1.1.json); they decide run dirs' staleness too")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error(f"--seeds must be at least 1, got {a.seeds}")
@@ -297,17 +317,29 @@ def main(argv=None) -> int:
     pipelines = [p.rstrip("/") for p in a.pipelines]  # a shell's tab completion adds the slash
     if unknown := [p for p in pipelines if p not in PIPELINES]:
         ap.error(f"unknown pipeline(s) {', '.join(unknown)}; choose from {', '.join(PIPELINES)}")
+    for o in a.set:
+        prefix, kv = split_override(o)
+        if "=" not in kv:
+            ap.error(f"--set {o}: expected [PIPELINE[/STAGE]:]KEY=VALUE")
+        if prefix is None:
+            continue
+        pipe, _, stage = prefix.partition("/")
+        if pipe not in PIPELINES:
+            ap.error(f"--set {o}: unknown pipeline {pipe!r}; choose from {', '.join(PIPELINES)}")
+        if stage and not config_path(pipe, a.scale, stage).is_file():
+            ap.error(f"--set {o}: {prefix} has no config at scale {a.scale}")
     isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
-    problems = [m for p in pipelines for m in batch_problems(p, a.scale, stages_of(p, a.scale, bool(a.quick)),
-                                                             a.nproc)]
+    problems = [m for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))
+                for m in batch_problems(p, a.scale, [s], a.nproc, overrides_for(p, s, a.set))]
     if problems:
         print(f"[reproduce] NPROC={a.nproc} cannot keep every stage's global batch:\n  " + "\n  ".join(problems)
               + "\nrun such a pipeline on its own with an NPROC that divides its global batch (e.g. "
               "PIPELINES=bert_squad NPROC=4), or change its global_batch_size", file=sys.stderr)
         return 2
     if a.scale == "paper":
-        problems = [m for p in pipelines for m in missing_inputs(p, a.scale)]
+        problems = [m for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))
+                    for m in missing_inputs(p, a.scale, [s], overrides_for(p, s, a.set))]
         if problems:
             print("[reproduce] SCALE=paper cannot start; missing:\n  " + "\n  ".join(problems), file=sys.stderr)
             return 2
@@ -318,8 +350,9 @@ def main(argv=None) -> int:
         # the default seed of every stage first (later stages start from earlier ones), then the extra seeds
         jobs = [(s, 0) for s in stages] + [(s, k) for k in range(1, a.seeds) for s in stages if s != "fp"]
         for stage, k in jobs:
-            base = resolved(p, a.scale, stage)
-            overrides = repeat_overrides(base, k) if k else []
+            user = overrides_for(p, stage, a.set)
+            base = resolved(p, a.scale, stage, user)
+            overrides = user + (repeat_overrides(base, k) if k else [])
             cfg = resolved(p, a.scale, stage, overrides) if k else base
             name = f"{a.scale}/{p}/{stage}" + (f" (seed repeat {k})" if k else "")
             state = run_state(cfg)
@@ -344,10 +377,11 @@ def main(argv=None) -> int:
             print(f"[reproduce] {name}: {status} in {secs / 60:.1f} min", flush=True)
             record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k, a.nproc)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
-                          "--out", str(ROOT / "results")])
+                          "--out", a.results_dir])
     # make_results refuses (and leaves results/ as it was) when it finds no run, e.g. when every stage failed
     print(f"[reproduce] total {(time.time() - t_all) / 60:.1f} min; "
-          + ("results/ regenerated" if rc == 0 else f"results/ NOT regenerated (make_results.py exit {rc}, see above)")
+          + (f"{a.results_dir} regenerated" if rc == 0
+             else f"{a.results_dir} NOT regenerated (make_results.py exit {rc}, see above)")
           + (f"; FAILED stages: {failed}" if failed else ""))
     return 1 if failed or rc else 0
 

@@ -109,6 +109,44 @@ def test_hub_reachable_accepts_the_local_cache(tmp_path, monkeypatch):
     assert not reproduce.hub_reachable("timm/other-test", "model")
 
 
+def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
+    """--set KEY=VALUE (all pipelines) and PIPELINE:KEY=VALUE (one): in every stage's command line, in the configs
+    the skip and paper-scale checks read; QUICK=1 checks only the stages it runs; --results-dir gets the tables."""
+    launched, tables = [], []
+    monkeypatch.setattr(reproduce, "call_main", lambda module, argv, isolate: launched.append(argv) or 0)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: tables.append(cmd) or 0)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    sets = ["vit_imagenet:train.seed=7", "bert_squad:train.seed=9", "train.log_every=3",
+            "vit_imagenet/qat4:train.eval_every=2"]
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet",
+                           "--results-dir", str(tmp_path / "res"), "--set", *sets]) == 0
+    assert len(launched) == 4
+    for argv in launched:
+        assert argv[3:] == ["train.seed=7", "train.log_every=3"] + (["train.eval_every=2"] if "qat4.yaml" in argv[1]
+                                                                     else []), argv
+    assert tables[0][-2:] == ["--out", str(tmp_path / "res")]
+    # the finished run is judged with the overrides: the same --set skips it, another reruns it
+    cfg = reproduce.resolved("vit_imagenet", "mini", "fp", ["train.seed=7", "train.log_every=3"])
+    run = tmp_path / "mini" / "vit_imagenet" / "fp"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.json").write_text("{}")
+    launched.clear()
+    monkeypatch.setattr(reproduce, "export_if_quantized", lambda *a, **k: None)
+    reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet", "--set", *sets])
+    assert len(launched) == 3
+    # paper scale, QUICK=1: abl_pretrained_init's checkpoint is not asked for
+    monkeypatch.setattr(reproduce, "hub_reachable", lambda name, kind: False)
+    quick = reproduce.missing_inputs("vit_imagenet", "paper", reproduce.MAIN, ["data.data_dir=/x"])
+    assert quick and not any("augreg_in21k'" in p or "abl_" in p for p in quick)
+    assert all("data_dir=/x does not exist" in p or "augreg_in21k_ft_in1k" in p for p in quick)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--pipelines", "vit_imagenet", "--set", "vit:train.seed=1"])
+    for bad in ("train.seed", "vit_imagenet/nostage:train.seed=1"):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--pipelines", "vit_imagenet", "--set", bad])
+
+
 def test_unknown_pipeline_names_are_refused(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))  # restored after the test, should main() set it
     with pytest.raises(SystemExit):
