@@ -20,7 +20,8 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
                           DataCollatorWithPadding, default_data_collator)
 
 from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
-from common.hf import batch_split, global_batch_of, stage_callbacks  # noqa: E402,F401  (batch_split: reproduce.py)
+# batch_split: for reproduce.py's up-front check of the global batch
+from common.hf import batch_split, check_model_source, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
 from common.runs import (cli, is_main_process, prepare_output_dir, reevaluated, save_weight_sample,  # noqa: E402
                          stage_metrics, write_json)
@@ -127,6 +128,8 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, r
 def main(argv=None) -> dict:
     a = stage_argv(argv, __doc__, PIPELINE, "train.learning_rate=5e-5")
     cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
+    for key in ("model_name_or_path", "tokenizer_name"):
+        check_model_source(cfg, key)
     out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False))
     if is_main_process():
         save_config(cfg, out_dir / "config.yaml")

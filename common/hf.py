@@ -3,6 +3,7 @@ scheduled dropout as a callback (no patching of the Trainer or the optimizer).""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -101,6 +102,16 @@ class CompressionTrainer(Trainer):
         if self.is_world_process_zero():
             print(f"[common.hf] KD teacher sharded with FSDP2 like the student: {units} units, rank 0 holds "
                   f"{100 * held:.1f}% of its parameters", flush=True)
+
+
+def check_model_source(cfg: dict, key: str = "model_name_or_path") -> None:
+    """A `key` that names a local folder (absolute, ./, ../ or ~/) must exist: otherwise transformers takes it for
+    a hub repo id and fails with an error about the id's form."""
+    name = str(cfg.get(key) or "")
+    local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if local and not Path(name).expanduser().exists():
+        raise ConfigError(f"{cfg.get('config_file', 'config')}: {key}={name} does not exist (a local checkpoint "
+                          f"folder); give an existing folder or a hub name")
 
 
 def global_batch_of(args: TrainingArguments) -> int:

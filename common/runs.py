@@ -25,14 +25,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# what a stage writes before it loads anything: a dir holding only these is a start that failed on its inputs
+# (a wrong model path, a missing data file), which the corrected command may reuse unasked
+STARTUP_FILES = {"config.yaml", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "preprocessor_config.json", "added_tokens.json", "processor_config.json"}
+
+
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently.
-    Only rank 0 checks and clears it; other ranks of a distributed run just use it."""
+    """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently (a dir
+    holding only the STARTUP_FILES of a failed start excepted). Only rank 0 checks and clears it; other ranks of a
+    distributed run just use it."""
     path = Path(path)
     if not is_main_process():
         path.mkdir(parents=True, exist_ok=True)
         return path
-    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+    failed_start = path.is_dir() and {p.name for p in path.iterdir()} <= STARTUP_FILES
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume or failed_start):
         raise RunError(f"{path}: output directory exists and is not empty; pass overwrite_output_dir=true to "
                        f"replace it, or resume=true to continue its last checkpoint")
     if overwrite and path.exists() and not resume:

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from common.runs import RunError, check_run_of, read_metrics, reevaluated
+from common.config import ConfigError
+from common.hf import check_model_source
+from common.runs import RunError, check_run_of, prepare_output_dir, read_metrics, reevaluated
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -55,3 +57,25 @@ def test_eval_cli_on_a_wrong_dir_is_one_line(module, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().splitlines()[-1] == (f"error: {tmp_path}: a some_other run (metrics.json), not a "
                                                  f"{module.split('.')[0]} one; use python -m some_other.eval")
+
+
+def test_a_local_model_path_that_does_not_exist_is_named(tmp_path):
+    """transformers would take it for a hub id and complain about the id's form."""
+    for name in ("bert-base-uncased", "facebook/wav2vec2-large-lv60", str(tmp_path)):
+        check_model_source({"model_name_or_path": name})
+    for name in (str(tmp_path / "ckpt"), "./nope", "~/nope/bert", "data/ckpt/bert"):
+        with pytest.raises(ConfigError, match="does not exist .a local checkpoint folder"):
+            check_model_source({"model_name_or_path": name, "config_file": "fp.yaml"})
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
+    """A dir holding only what a stage writes before loading its inputs is reused; anything more is refused."""
+    run = tmp_path / "fp"
+    run.mkdir()
+    (run / "config.yaml").write_text("stage: fp\n")
+    (run / "vocab.json").write_text("{}")
+    assert prepare_output_dir(run) == run and (run / "config.yaml").exists()
+    (run / "model.safetensors").write_text("mine")
+    with pytest.raises(RunError, match="exists and is not empty"):
+        prepare_output_dir(run)
+    assert (run / "model.safetensors").read_text() == "mine"

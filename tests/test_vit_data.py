@@ -179,3 +179,15 @@ def test_hf_wrapper_on_in_memory_dataset():
     ds = HFImageDataset(hf)
     x, y = ds[0]
     assert x.shape == (3, 7, 5) and y == 1 and ds.class_names == ["a", "b"] and len(ds) == 2
+
+
+def test_init_source_names_the_weights_file():
+    """The log and metrics.json's init_from say which file a stage started from."""
+    from vit_imagenet.pipeline import init_source
+    m = {"name": "vit_tiny_patch16_224", "pretrained": True, "checkpoint_path": None, "pretrained_cfg_overlay": None}
+    assert init_source({"model": m}) == "timm pretrained vit_tiny_patch16_224"
+    assert init_source({"model": {**m, "pretrained_cfg_overlay": {"file": "/w/vit.safetensors"}}}) == \
+        "timm pretrained vit_tiny_patch16_224 from /w/vit.safetensors"
+    assert init_source({"model": {**m, "pretrained": False, "checkpoint_path": "/w/vit.pth"}}) == "checkpoint /w/vit.pth"
+    assert init_source({"model": {**m, "pretrained": False}}) == "random (from scratch)"
+    assert init_source({"model": m, "init_from": "runs/paper/vit_imagenet/sparse"}) == "runs/paper/vit_imagenet/sparse"

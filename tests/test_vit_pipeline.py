@@ -76,6 +76,7 @@ def test_chain_outputs(chain):
         assert yaml.safe_load((d / "config.yaml").read_text())["stage"] == stage
     fp, sparse, qat4 = (json.loads((base / s / "metrics.json").read_text()) for s in ("fp", "sparse", "qat4"))
     assert fp["compression_ratio"] == 1.0 and not fp["kd"] and "from scratch" in fp["mini_scale_note"]
+    assert fp["init_from"] == "random (from scratch)"  # where the starting weights came from, not the model name
     assert sparse["sparsity"] == "2:4" and sparse["kd"] and sparse["init_from"].endswith("vit_imagenet/fp")
     assert (qat4["w_bits"], qat4["a_bits"], qat4["sparsity"], qat4["compression_ratio"]) == (4, 4, "2:4", 16.0)
     assert qat4["quantize_attention"] and qat4["dropout_schedule"] == "linear"

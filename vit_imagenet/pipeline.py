@@ -422,9 +422,22 @@ def model_label(cfg: dict) -> str:
     return f"{m['name']} ({', '.join(sizes)})" if sizes else str(m["name"])
 
 
+def init_source(cfg: dict) -> str:
+    """Where a stage's starting weights come from (the log, metrics.json's init_from)."""
+    m = cfg["model"]
+    if cfg.get("init_from"):
+        return str(cfg["init_from"])
+    if m.get("checkpoint_path"):  # loaded by timm.create_model after creation, pretrained or not
+        return f"checkpoint {m['checkpoint_path']}"
+    if m.get("pretrained"):
+        file = (m.get("pretrained_cfg_overlay") or {}).get("file")
+        return f"timm pretrained {m['name']}" + (f" from {file}" if file else "")
+    return "random (from scratch)"
+
+
 def stage_cfg_for_metrics(cfg: dict) -> dict:
     """stage_metrics reads the model name from `model_name_or_path`; ours is model.name (+ sizes)."""
-    return {**cfg, "model_name_or_path": model_label(cfg)}
+    return {**cfg, "model_name_or_path": model_label(cfg), "init_from": init_source(cfg)}
 
 
 def fmt_duration(s: float) -> str:

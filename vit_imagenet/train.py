@@ -42,8 +42,8 @@ from common.stage import build_distiller, build_stage_model  # noqa: E402
 
 from vit_imagenet.pipeline import (PIPELINE, Dist, ResumableSampler, build_data, calibration_batches,  # noqa: E402
                                    channels_last, cosine_lambda, create_model, evaluate, fmt_duration,
-                                   load_stage_config, loader_kwargs, log, model_label, stage_cfg_for_metrics, subset,
-                                   to_device, write_predictions)
+                                   init_source, load_stage_config, loader_kwargs, log, model_label,
+                                   stage_cfg_for_metrics, subset, to_device, write_predictions)
 from vit_imagenet.pipeline import autocast as amp_context  # noqa: E402
 
 CKPT = "checkpoint.pt"
@@ -216,8 +216,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     n_fixed = fix_one_sided_clips(model)  # after the broadcast: it reads the (now rank 0's) clip signs
     recipe = getattr(model, "compression_recipe", None)
     comp = compression_summary(model)
-    say(f"model {model_label(cfg)}, {comp['total_params'] / 1e6:.2f}M params, init "
-        f"{cfg.get('init_from') or ('timm pretrained' if pretrained else 'random (from scratch)')}; recipe "
+    say(f"model {model_label(cfg)}, {comp['total_params'] / 1e6:.2f}M params, init {init_source(cfg)}; recipe "
         f"{recipe.to_dict() if recipe else 'none (full precision)'}; backbone {comp['compression_ratio']}x "
         f"({comp['bits_per_backbone_weight']} bits/weight); built+calibrated in {time.time() - t_build:.1f}s"
         f"{f'; {n_fixed} one-sided clips fixed at 0' if n_fixed else ''}")
