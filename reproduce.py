@@ -275,8 +275,8 @@ def export_if_quantized(cfg: dict, pipeline: str, isolate: bool = False) -> None
     if (run / "compression.json").exists() and (run / "compression.json").stat().st_mtime >= \
             (run / "metrics.json").stat().st_mtime:
         return
-    rc = call_main("common.export", [str(run), str(run / "model.c16.safetensors"), "--pipeline", pipeline,
-                                           "--overwrite"], isolate)
+    argv = [str(run), str(run / "model.c16.safetensors"), "--pipeline", pipeline, "--overwrite"]
+    rc = call_main("common.export", argv, isolate)
     print(f"[reproduce] {pipeline}/{cfg['stage']}: export {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
 
 
@@ -306,9 +306,9 @@ def main(argv=None) -> int:
                     help="N > 1: each stage on N processes (torchrun, one node), keeping its global batch")
     ap.add_argument("--results-dir", default=str(ROOT / "results"),
                     help="where the tables and plots of the runs go (default: the repository's results/)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="[PIPELINE:]KEY=VALUE",
-                    help="config overrides for every stage, or for one pipeline's stages with the prefix (e.g. "
-                         "bert_squad:data.train_file=/data/train-v1.1.json); they decide run dirs' staleness too")
+    ap.add_argument("--set", nargs="+", default=[], metavar="[PIPELINE[/STAGE]:]KEY=VALUE",
+                    help="config overrides for every stage, or with the prefix for one pipeline's or one stage's "
+                         "(e.g. bert_squad:data.train_file=/data/train-v1.1.json); part of each stage's config")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error(f"--seeds must be at least 1, got {a.seeds}")
@@ -330,6 +330,13 @@ def main(argv=None) -> int:
             ap.error(f"--set {o}: {prefix} has no config at scale {a.scale}")
     isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
+    try:  # every stage's config with its overrides, before anything runs (an unknown key, a bad value)
+        for p in pipelines:
+            for s in stages_of(p, a.scale, bool(a.quick)):
+                resolved(p, a.scale, s, overrides_for(p, s, a.set))
+    except ConfigError as e:
+        print(f"[reproduce] {e}", file=sys.stderr)
+        return 2
     problems = [m for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))
                 for m in batch_problems(p, a.scale, [s], a.nproc, overrides_for(p, s, a.set))]
     if problems:

@@ -145,6 +145,8 @@ def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
     for bad in ("train.seed", "vit_imagenet/nostage:train.seed=1"):
         with pytest.raises(SystemExit):
             reproduce.main(["--pipelines", "vit_imagenet", "--set", bad])
+    launched.clear()
+    assert reproduce.main(["--pipelines", "vit_imagenet", "--set", "model.nme=x"]) == 2 and not launched
 
 
 def test_unknown_pipeline_names_are_refused(capsys, monkeypatch, tmp_path):
