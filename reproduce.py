@@ -295,7 +295,8 @@ def overrides_for(pipeline: str, stage: str, given: list[str]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=["mini", "paper"], default="mini")
-    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--runs-dir", default=os.environ.get("RUNS_DIR") or "runs",
+                    help="where run dirs go: RUNS_DIR/<scale>/<pipeline>/<stage>/ (default: $RUNS_DIR or ./runs)")
     ap.add_argument("--quick", type=int, default=0, help="1: only the main rows, no ablations")
     ap.add_argument("--force", type=int, default=0, help="1: redo finished stages")
     ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES))

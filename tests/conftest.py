@@ -26,16 +26,34 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The stages take RUNS_DIR from the environment before a runs_dir= argument, and reproduce.py and make_results.py
+# default to it: a user's own (exported in the shell) must not send test runs there.
+os.environ.pop("RUNS_DIR", None)
+
+
 @pytest.fixture(autouse=True)
 def _runs_dir_env():
-    """reproduce.main sets RUNS_DIR for its stages: restored after every test, so that no later test's stages
-    resolve their output dirs into the repository's runs/."""
-    old = os.environ.get("RUNS_DIR")
+    """reproduce.main sets RUNS_DIR for its stages: unset after every test, so that no later test's stages
+    resolve their run dirs through it."""
     yield
-    if old is None:
-        os.environ.pop("RUNS_DIR", None)
-    else:
-        os.environ["RUNS_DIR"] = old
+    os.environ.pop("RUNS_DIR", None)
+
+
+def _listing(root: Path) -> dict:
+    """<scale>/<pipeline>/<stage> dirs and their files, with their modification times."""
+    paths = [*root.glob("*/*/*"), *root.glob("*/*/*/*")] if root.is_dir() else []
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in paths}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _repo_runs_untouched():
+    """The repository's runs/ (the developer's own runs) is the same after the suite as before it: a test that
+    resolved its run dirs there would otherwise move, replace or delete them unseen."""
+    before = _listing(ROOT / "runs")
+    yield
+    after = _listing(ROOT / "runs")
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test suite changed {ROOT / 'runs'}: {changed[:5]}"
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def test_paper_scale_lists_what_is_missing(monkeypatch, capsys, tmp_path):
     problems = reproduce.missing_inputs("bert_squad", "paper")
     assert any("'bert-base-uncased'" in p for p in problems)
     assert any("'squad'" in p for p in problems)
-    rc = reproduce.main(["--scale", "paper", "--pipelines", "bert_squad"])
+    rc = reproduce.main(["--scale", "paper", "--runs-dir", str(tmp_path), "--pipelines", "bert_squad"])
     assert rc == 2 and "bert-base-uncased" in capsys.readouterr().err
 
 
@@ -141,18 +141,18 @@ def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
     assert quick and not any("augreg_in21k'" in p or "abl_" in p for p in quick)
     assert all("data_dir=/x does not exist" in p or "augreg_in21k_ft_in1k" in p for p in quick)
     with pytest.raises(SystemExit):
-        reproduce.main(["--pipelines", "vit_imagenet", "--set", "vit:train.seed=1"])
+        reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", "vit:train.seed=1"])
     for bad in ("train.seed", "vit_imagenet/nostage:train.seed=1"):
         with pytest.raises(SystemExit):
-            reproduce.main(["--pipelines", "vit_imagenet", "--set", bad])
+            reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", bad])
     launched.clear()
-    assert reproduce.main(["--pipelines", "vit_imagenet", "--set", "model.nme=x"]) == 2 and not launched
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", "model.nme=x"]) == 2 and not launched
 
 
 def test_unknown_pipeline_names_are_refused(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))  # restored after the test, should main() set it
     with pytest.raises(SystemExit):
-        reproduce.main(["--pipelines", "bert", "vit_imagenet"])
+        reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "bert", "vit_imagenet"])
     assert "unknown pipeline(s) bert; choose from bert_squad, vit_imagenet, wav2vec_librispeech" in \
         capsys.readouterr().err
 
