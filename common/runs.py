@@ -248,7 +248,6 @@ def cli(main, *input_errors: type[Exception]) -> None:
     """A script's entry point: a bad config, run dir, recipe or missing input file (or one of the script's own
     `input_errors`) ends with one line naming it (exit 2), not a traceback; anything else is a bug and keeps its
     traceback."""
-    import sys
     from .config import ConfigError
     from .recipe import RecipeError
     try:
