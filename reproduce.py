@@ -331,23 +331,22 @@ def main(argv=None) -> int:
             ap.error(f"--set {o}: {prefix} has no config at scale {a.scale}")
     isolate = bool(a.isolate)
     os.environ["RUNS_DIR"] = a.runs_dir
-    try:  # every stage's config with its overrides, before anything runs (an unknown key, a bad value)
-        for p in pipelines:
-            for s in stages_of(p, a.scale, bool(a.quick)):
-                resolved(p, a.scale, s, overrides_for(p, s, a.set))
+    # (pipeline, stage, its --set overrides) of every stage this call runs, checked before anything runs
+    todo = [(p, s, overrides_for(p, s, a.set)) for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))]
+    try:  # an unknown key, a bad value
+        for p, s, user in todo:
+            resolved(p, a.scale, s, user)
     except ConfigError as e:
         print(f"[reproduce] {e}", file=sys.stderr)
         return 2
-    problems = [m for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))
-                for m in batch_problems(p, a.scale, [s], a.nproc, overrides_for(p, s, a.set))]
+    problems = [m for p, s, user in todo for m in batch_problems(p, a.scale, [s], a.nproc, user)]
     if problems:
         print(f"[reproduce] NPROC={a.nproc} cannot keep every stage's global batch:\n  " + "\n  ".join(problems)
               + "\nrun such a pipeline on its own with an NPROC that divides its global batch (e.g. "
               "PIPELINES=bert_squad NPROC=4), or change its global_batch_size", file=sys.stderr)
         return 2
     if a.scale == "paper":
-        problems = [m for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))
-                    for m in missing_inputs(p, a.scale, [s], overrides_for(p, s, a.set))]
+        problems = [m for p, s, user in todo for m in missing_inputs(p, a.scale, [s], user)]
         if problems:
             print("[reproduce] SCALE=paper cannot start; missing:\n  " + "\n  ".join(problems), file=sys.stderr)
             return 2

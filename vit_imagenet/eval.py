@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from common import prepare  # noqa: E402
 from common.config import load_config  # noqa: E402
-from common.runs import RunError, check_run_of, cli, load_state, read_metrics, reevaluated, stage_metrics, write_json  # noqa: E402,E501
+from common.runs import (RunError, check_run_of, cli, load_state, read_metrics, reevaluated,  # noqa: E402
+                         stage_metrics, write_json)
 from common.stage import stage_recipe  # noqa: E402
 
 from vit_imagenet.pipeline import (PIPELINE, Dist, build_data, channels_last, create_model, evaluate,  # noqa: E402
