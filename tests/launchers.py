@@ -39,10 +39,9 @@ def process_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
-def run_launched(cmd: list[str], timeout: float = 600) -> str:
-    """Run a launch command from the repository root with `process_env()`; its output (stdout and stderr). Fails
-    the test, with the output's end, on a non-zero exit, or past `timeout` s after killing the launcher and all
-    its workers."""
+def launched(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
+    """Run a launch command from the repository root with `process_env()`: its exit status and output (stdout and
+    stderr). Past `timeout` s it kills the launcher and all its workers and fails the test."""
     p = subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     try:
@@ -51,5 +50,11 @@ def run_launched(cmd: list[str], timeout: float = 600) -> str:
         os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
         output, _ = p.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n" + output[-3000:])
-    assert p.returncode == 0, output[-5000:]
+    return p.returncode, output
+
+
+def run_launched(cmd: list[str], timeout: float = 600) -> str:
+    """`launched(cmd, timeout)`'s output; fails the test, with the output's end, on a non-zero exit."""
+    rc, output = launched(cmd, timeout)
+    assert rc == 0, output[-5000:]
     return output

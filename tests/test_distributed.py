@@ -5,6 +5,7 @@ bit-identically, a 2-process checkpoint resumed in 1 process; `common` in a loop
 fully_shard with bf16 compute."""
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import check_nm
-from launchers import run_launched, two_processes
+from launchers import launched, run_launched, two_processes
 from run_checks import assert_close_weights, assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +155,9 @@ def test_fsdp2_pipeline_on_cuda(setup):
     assert (out / "metrics.json").exists()
 
 
+UPSTREAM_ABORT = "terminate called without an active exception"
 WORKER = '''
-import copy, os, sys, torch, torch.distributed as dist
+import copy, gc, os, sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import BertConfig, BertForQuestionAnswering
@@ -166,6 +168,10 @@ if device == "cuda":
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group("nccl" if device == "cuda" else "gloo")
 rank = dist.get_rank()
+
+def reached(step):  # where a rank got to, in the test's output if the launch fails
+    print(f"rank {rank}: {step}", file=sys.stderr, flush=True)
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def sharded():
@@ -188,12 +194,14 @@ for _ in range(3):
     m(input_ids=ids.to(device), start_positions=pos.to(device), end_positions=pos.to(device)).loss.backward()
     opt.step()
     opt.zero_grad()
+reached("trained")
 state = get_model_state_dict(m, options=FULL)
 m2 = sharded()
 # a copy: loading with broadcast_from_rank0 turns the given dict's tensors into shards in place
 set_model_state_dict(m2, dict(state) if rank == 0 else {}, options=StateDictOptions(full_state_dict=True,
                                                                                    broadcast_from_rank0=True))
 again = get_model_state_dict(m2, options=FULL)
+reached("reloaded")
 # a frozen KD teacher sharded for a loop of one's own: the same outputs as the whole model
 torch.manual_seed(3)
 whole = BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -207,7 +215,18 @@ with torch.no_grad():
 teacher_check = dict(units=units, held=common.sharding.local_fraction(teacher), diff=diff, world=dist.get_world_size())
 if rank == 0:
     torch.save({"state": state, "again": again, "teacher": teacher_check}, out)
+reached("saved its checks")
+# An orderly teardown, and no interpreter teardown after it: twice in full suite runs (a fresh clone's make test,
+# then CI; not reproduced in 62 runs of this script alone, with or without load) rank 1 died by SIGABRT,
+# "terminate called without an active exception", the C++ runtime's message for a thread destroyed unjoined, as at
+# exit while FSDP's modules still held the process group. So: no rank leaves before the others are done, the sharded modules go before the group, and
+# the process ends without running destructors once everything it checks is written.
+dist.barrier()
+del m, m2, teacher, opt
+gc.collect()
 dist.destroy_process_group()
+reached("done")
+os._exit(0)
 '''
 
 
@@ -221,7 +240,12 @@ def test_library_under_fully_shard_bf16(tmp_path, device):
     script, out = tmp_path / "worker.py", tmp_path / "state.pt"
     script.write_text(WORKER)
     n = min(2, torch.cuda.device_count()) if device == "cuda" else 2
-    run_launched(two_processes("torchrun", module=False, n=n) + [str(script), str(out), device])
+    cmd = two_processes("torchrun", module=False, n=n) + [str(script), str(out), device]
+    rc, output = launched(cmd)
+    if rc != 0 and UPSTREAM_ABORT in output:  # see the end of WORKER; once more, the first failure kept as a warning
+        warnings.warn(f"retried after a worker's abort ({UPSTREAM_ABORT!r}):\n{output[-3000:]}")
+        rc, output = launched(two_processes("torchrun", module=False, n=n) + cmd[-3:])
+    assert rc == 0, output[-5000:]
     saved = torch.load(out)
     state, again = saved["state"], saved["again"]
     masks = {k[:-len(".mask")]: v for k, v in state.items() if k.endswith(".mask")}
