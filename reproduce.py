@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import ConfigError, expand_paths, load_config  # noqa: E402
+from common.config import ConfigError  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
@@ -51,7 +51,10 @@ def stages_of(pipeline: str, scale: str, quick: bool) -> list[str]:
 
 
 def resolved(pipeline: str, scale: str, stage: str, overrides: list[str] | None = None) -> dict:
-    return expand_paths(load_config(config_path(pipeline, scale, stage), overrides or []), pipeline)
+    """The stage's config as its train.py resolves and checks it (`load_stage_config`: the `train` keys, and ViT's
+    own values), so that the up-front check stops on what the stage itself would stop on."""
+    load = importlib.import_module(f"{pipeline}.train").load_stage_config
+    return load(config_path(pipeline, scale, stage), overrides or [])
 
 
 def seed_suffix(k: int) -> str:

@@ -19,10 +19,11 @@ import torch  # noqa: E402
 from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer,  # noqa: E402
                           DataCollatorWithPadding, default_data_collator)
 
-from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
+from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 # batch_split: for reproduce.py's up-front check of the global batch
 from common.hf import batch_split, check_model_source, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
+import common.hf as hf  # noqa: E402
 from common.runs import (cli, is_main_process, prepare_output_dir, reevaluated, save_weight_sample,  # noqa: E402
                          stage_metrics, write_json)
 from common.sharding import full_tensor  # noqa: E402
@@ -125,9 +126,14 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, r
     return out
 
 
+def load_stage_config(path, overrides=None) -> dict:
+    """The stage's resolved config, its `train` keys checked (reproduce.py checks every stage with it up front)."""
+    return hf.load_stage_config(path, overrides, PIPELINE)
+
+
 def main(argv=None) -> dict:
     a = stage_argv(argv, __doc__, PIPELINE, "train.learning_rate=5e-5")
-    cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
+    cfg = load_stage_config(a.config, a.overrides)
     for key in ("model_name_or_path", "tokenizer_name"):
         check_model_source(cfg, key)
     out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import re
 from pathlib import Path
 
@@ -65,6 +66,22 @@ def load_yaml_config(path: str | Path) -> dict:
     for b in bases[1:]:
         merged = _merge(merged, load_yaml_config(path.parent / b), str(path.parent / b))
     return _merge(merged, data, str(path))
+
+
+def check_open_section(path, overrides: list[str] | None, section: str, known, where: str | None = None) -> None:
+    """The keys of an open section (OPEN_SECTIONS: common.config leaves them to their consumer) against the
+    consumer's `known` names, in the stage file and on the command line: the first unknown one is a ConfigError
+    naming its source, with the nearest known names; `where` says where the known names are listed when they are
+    too many to print (TrainingArguments has ~150)."""
+    known = sorted(known)
+    for source, values in (("command line", parse_overrides(overrides or []).get(section)),
+                           (f"{path} (or a file in its _base_ chain)", load_yaml_config(path).get(section))):
+        unknown = sorted(set(values) - set(known)) if isinstance(values, dict) else []
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], known, n=3)
+            hint = f"did you mean {' or '.join(f'{section}.{k}' for k in near)}? " if near else ""
+            listed = f"known keys: {where}" if where and len(known) > 40 else f"known keys here: {known}"
+            raise ConfigError(f"{source}: unknown config key '{section}.{unknown[0]}'; {hint}{listed}")
 
 
 def _value(raw: str):

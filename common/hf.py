@@ -2,6 +2,7 @@
 scheduled dropout as a callback (no patching of the Trainer or the optimizer)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from . import sharding
-from .config import ConfigError, split_global_batch
+from .config import ConfigError, check_open_section, expand_paths, load_config, split_global_batch
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
 from .pact import clip_state_as_1d
@@ -102,6 +103,15 @@ class CompressionTrainer(Trainer):
         if self.is_world_process_zero():
             print(f"[common.hf] KD teacher sharded with FSDP2 like the student: {units} units, rank 0 holds "
                   f"{100 * held:.1f}% of its parameters", flush=True)
+
+
+def load_stage_config(path, overrides: list[str] | None, pipeline: str) -> dict:
+    """load_config + path placeholders + the `train` keys checked against TrainingArguments' fields, so that a typo
+    there stops the stage, and reproduce.py's up-front check, before anything is loaded or written."""
+    cfg = expand_paths(load_config(path, overrides), pipeline)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    check_open_section(path, overrides, "train", fields, "the fields of transformers' TrainingArguments")
+    return cfg
 
 
 def check_model_source(cfg: dict, key: str = "model_name_or_path") -> None:

@@ -1,4 +1,5 @@
 """reproduce.py: stage selection, skip-if-done with an unchanged config, paper-scale input checks."""
+import importlib
 import json
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import yaml
 
 import reproduce
+from common.config import ConfigError
 
 
 def test_stage_lists():
@@ -147,6 +149,28 @@ def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
             reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", bad])
     launched.clear()
     assert reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", "model.nme=x"]) == 2 and not launched
+
+
+@pytest.mark.parametrize("pipeline,typo,hint", [("bert_squad", "train.learnig_rate", "train.learning_rate"),
+                                                ("wav2vec_librispeech", "train.warmup_step", "train.warmup_steps"),
+                                                ("vit_imagenet", "train.momentun", "train.momentum")])
+def test_a_typo_under_train_stops_everything_up_front(tmp_path, monkeypatch, capsys, pipeline, typo, hint):
+    """`train` is open in common.config (TrainingArguments takes ~150 keys), so each pipeline's load_stage_config
+    checks it; reproduce resolves every stage through it, so a typo stops the whole call before any stage runs,
+    rather than when its stage starts hours later."""
+    launched = []
+    monkeypatch.setattr(reproduce, "call_main", lambda module, argv, isolate: launched.append(argv) or 0)
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", pipeline, "--set", f"{typo}=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown config key '{typo}'; did you mean {hint}" in err and not launched, err
+    assert not any(tmp_path.iterdir())
+    # in a stage file (or its _base_ chain), the file is named
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(yaml.safe_dump({"_base_": str(reproduce.config_path(pipeline, "mini", "qat4")),
+                                   "train": {typo.split(".")[1]: 1}}))
+    load = importlib.import_module(f"{pipeline}.train").load_stage_config
+    with pytest.raises(ConfigError, match=f"{cfg} \\(or a file in its _base_ chain\\): unknown config key '{typo}'"):
+        load(cfg)
 
 
 def test_unknown_pipeline_names_are_refused(capsys, monkeypatch, tmp_path):

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.config import ConfigError, expand_paths, load_config, load_yaml_config, parse_overrides  # noqa: E402
+from common.config import ConfigError, check_open_section, expand_paths, load_config, load_yaml_config  # noqa: E402
 from common.runs import RunError  # noqa: E402
 
 PIPELINE = "vit_imagenet"
@@ -42,21 +42,11 @@ MODEL_KWARGS = ("num_classes", "img_size", "patch_size", "embed_dim", "depth", "
 
 
 # ------------------------------------------------------------------------------------------------- config ---
-def _check_train_keys(path, overrides) -> None:
-    """common.config leaves `train` open (the HF pipelines pass it to TrainingArguments); ours is a closed set:
-    the keys of configs/base.yaml."""
-    known = set(load_yaml_config(BASE_CONFIG)["train"])
-    for source, section in (("command line", parse_overrides(overrides or []).get("train")),
-                            (f"{path} (or a file in its _base_ chain)", load_yaml_config(path).get("train"))):
-        unknown = sorted(set(section or {}) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown config key 'train.{unknown[0]}'; known keys here: {sorted(known)}")
-
-
 def load_stage_config(path, overrides=None) -> dict:
     """load_config + path placeholders ({runs_dir}, {scale}, {stage}) + checks of this pipeline's own values."""
     cfg = expand_paths(load_config(path, overrides), PIPELINE)
-    _check_train_keys(path, overrides)
+    # common.config leaves `train` open (the HF pipelines pass it to TrainingArguments); ours is a closed set
+    check_open_section(path, overrides, "train", load_yaml_config(BASE_CONFIG)["train"])
     src = cfg.get("config_file", str(path))
     t = cfg["train"]
     for key in ("batch_size", "global_batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",

@@ -22,10 +22,11 @@ import torch  # noqa: E402
 from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,  # noqa: E402
                           Wav2Vec2Processor)
 
-from common.config import ConfigError, expand_paths, load_config, save_config, stage_argv  # noqa: E402
+from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 # batch_split: for reproduce.py's up-front check of the global batch
 from common.hf import batch_split, check_model_source, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
+import common.hf as hf  # noqa: E402
 from common.runs import cli, prepare_output_dir, reevaluated, save_weight_sample, stage_metrics, write_json  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -209,9 +210,14 @@ def summary_line(cfg, out: dict) -> str:
     return f"[{PIPELINE}/{cfg['stage']}] " + " ".join(parts)
 
 
+def load_stage_config(path, overrides=None) -> dict:
+    """The stage's resolved config, its `train` keys checked (reproduce.py checks every stage with it up front)."""
+    return hf.load_stage_config(path, overrides, PIPELINE)
+
+
 def main(argv=None) -> dict:
     a = stage_argv(argv, __doc__, PIPELINE, "train.learning_rate=1e-4")
-    cfg = expand_paths(load_config(a.config, a.overrides), PIPELINE)
+    cfg = load_stage_config(a.config, a.overrides)
     check_model_source(cfg)
     torch.manual_seed(cfg["train"].get("seed", 42))
     if cfg.get("torch_threads"):
