@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from common.config import ConfigError  # noqa: E402
+from vit_imagenet.data import HF_IMAGENET  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
@@ -151,10 +152,13 @@ def missing_inputs(pipeline: str, scale: str, stages: list[str] | None = None,
     problems = []
     for stage in stages or stages_of(pipeline, scale, quick=False):
         cfg = resolved(pipeline, scale, stage, overrides)
-        for section in (cfg, cfg.get("data") or {}):
+        data = cfg.get("data") or {}
+        hub_data = data.get("source") == "hf"  # ViT: the hub's ImageNet, data_dir unused
+        for section in (cfg, data):
             for key, val in section.items():
                 if isinstance(val, str) and key.endswith(("_file", "_dir", "_root", "data_dir")) \
-                        and key != "output_dir" and key != "runs_dir" and key != "cache_dir" and not Path(val).exists():
+                        and key not in ("output_dir", "runs_dir", "cache_dir", "hf_cache_dir") \
+                        and not (hub_data and key == "data_dir") and not Path(val).exists():
                     problems.append(f"{pipeline}/{stage}: {key}={val} does not exist")
         name = cfg.get("model_name_or_path") or cfg.get("model_name")
         if name and not Path(str(name)).exists() and not cfg.get("init_from"):
@@ -162,11 +166,12 @@ def missing_inputs(pipeline: str, scale: str, stages: list[str] | None = None,
                 problems.append(f"{pipeline}/{stage}: model {name!r} is neither a local path, in the local "
                                 f"Hugging Face cache, nor reachable on the hub")
         problems += timm_model_problems(cfg, f"{pipeline}/{stage}")
-        ds = (cfg.get("data") or {}).get("dataset_name")
-        if ds and not any((cfg.get("data") or {}).get(k) for k in ("train_file", "librispeech_root", "data_dir")):
+        ds = data.get("dataset_name") or (HF_IMAGENET if hub_data else None)
+        if ds and (hub_data or not any(data.get(k) for k in ("train_file", "librispeech_root", "data_dir"))):
             if not hub_reachable(str(ds), "dataset"):
+                why = "data.source is hf" if hub_data else "no local files are configured"
                 problems.append(f"{pipeline}/{stage}: data set {ds!r} is neither in the local Hugging Face cache "
-                                f"nor reachable on the hub, and no local files are configured")
+                                f"nor reachable on the hub, and {why}")
     return sorted(set(problems))
 
 
@@ -188,7 +193,7 @@ def timm_model_problems(cfg: dict, where: str) -> list[str]:
     if not hub_id or not hub_reachable(hub_id, "model"):
         problems.append(f"{where}: the pretrained weights of timm model {m['name']!r} ({hub_id or 'no hub id'}) are "
                         f"neither in the local Hugging Face cache nor reachable on the hub; set "
-                        f"model.pretrained_cfg_overlay={{file: /path/model.safetensors}} or model.checkpoint_path")
+                        f"model.pretrained_cfg_overlay.file=/path/model.safetensors or model.checkpoint_path")
     return problems
 
 

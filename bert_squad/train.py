@@ -21,7 +21,7 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoTokeniz
 
 from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 # batch_split: for reproduce.py's up-front check of the global batch
-from common.hf import batch_split, check_model_source, global_batch_of, stage_callbacks  # noqa: E402,F401
+from common.hf import batch_split, check_model_source, end_of_run, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
 import common.hf as hf  # noqa: E402
 from common.runs import (cli, is_main_process, prepare_output_dir, reevaluated, save_weight_sample,  # noqa: E402
@@ -107,7 +107,8 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, r
                prev: dict | None = None) -> dict:
     """Evaluate, then write metrics.json, predictions.json, log_history.json and the weight sample. eval.py passes
     the training run's metrics as `prev`: its facts are kept (common.runs.reevaluated), and log_history.json and
-    weight_sample.npz (whose 'before' is the init checkpoint) stay as trained."""
+    weight_sample.npz (whose 'before' is the init checkpoint) stay as trained. Ends a multi-process run
+    (common.hf.end_of_run)."""
     metrics = trainer.evaluate()  # every rank takes part; rank 0 writes
     task = {"exact_match": metrics["eval_exact_match"], "f1": metrics["eval_f1"]}
     out = stage_metrics(cfg, model, PIPELINE, "f1", True, task, steps, runtime)
@@ -117,12 +118,12 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, r
         save_weight_sample(out_dir, model, init_state, write=trainer.is_world_process_zero())  # every rank (FSDP)
     else:
         out = reevaluated(prev, out)
-    if not trainer.is_world_process_zero():
-        return out
-    write_json(out_dir / "predictions.json", trainer.last_predictions)
-    if prev is None:
-        write_json(out_dir / "log_history.json", trainer.state.log_history)
-    write_json(out_dir / "metrics.json", out)
+    if trainer.is_world_process_zero():
+        write_json(out_dir / "predictions.json", trainer.last_predictions)
+        if prev is None:
+            write_json(out_dir / "log_history.json", trainer.state.log_history)
+        write_json(out_dir / "metrics.json", out)
+    end_of_run(trainer)
     return out
 
 
@@ -179,6 +180,7 @@ def main(argv=None) -> dict:
                    out_dir / f"rank_state_{args.process_index}.pt")
     if cfg.get("interrupt_at_step") and steps == cfg["interrupt_at_step"]:
         print(f"[{PIPELINE}/{cfg['stage']}] interrupted at step {steps} (interrupt_at_step); resume=true continues")
+        end_of_run(trainer)
         return {}
     trainer.save_model(str(out_dir))
     out = finish_run(cfg, out_dir, trainer, model, init_state, steps, time.time() - t0)

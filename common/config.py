@@ -37,12 +37,22 @@ def read_yaml_mapping(path: str | Path, error: type[ValueError] = ConfigError, w
     return data
 
 
+def unknown_key(source: str, prefix: str, key: str, known, where: str | None = None) -> ConfigError:
+    """The error for an unknown config key: the source, the key, the nearest known names, then the known names (or,
+    when they are too many to print, `where` they are listed)."""
+    known = sorted(known)
+    near = difflib.get_close_matches(key, known, n=3)
+    hint = f"did you mean {' or '.join(prefix + k for k in near)}? " if near else ""
+    listed = f"known keys: {where}" if where and len(known) > 40 else f"known keys here: {known}"
+    return ConfigError(f"{source}: unknown config key '{prefix}{key}'; {hint}{listed}")
+
+
 def _merge(base: dict, over: dict, source: str, prefix: str = "", strict: bool = True) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
         key = f"{prefix}{k}"
         if strict and k not in base:
-            raise ConfigError(f"{source}: unknown config key '{key}'; known keys here: {sorted(base)}")
+            raise unknown_key(source, prefix, k, base)
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             # these sections are checked by their consumer, which knows all keys (common.Recipe, and the
             # HF TrainingArguments that `train` is passed to)
@@ -73,15 +83,11 @@ def check_open_section(path, overrides: list[str] | None, section: str, known, w
     consumer's `known` names, in the stage file and on the command line: the first unknown one is a ConfigError
     naming its source, with the nearest known names; `where` says where the known names are listed when they are
     too many to print (TrainingArguments has ~150)."""
-    known = sorted(known)
     for source, values in (("command line", parse_overrides(overrides or []).get(section)),
                            (f"{path} (or a file in its _base_ chain)", load_yaml_config(path).get(section))):
         unknown = sorted(set(values) - set(known)) if isinstance(values, dict) else []
         if unknown:
-            near = difflib.get_close_matches(unknown[0], known, n=3)
-            hint = f"did you mean {' or '.join(f'{section}.{k}' for k in near)}? " if near else ""
-            listed = f"known keys: {where}" if where and len(known) > 40 else f"known keys here: {known}"
-            raise ConfigError(f"{source}: unknown config key '{section}.{unknown[0]}'; {hint}{listed}")
+            raise unknown_key(source, section + ".", unknown[0], known, where)
 
 
 def _value(raw: str):

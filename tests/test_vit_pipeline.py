@@ -169,7 +169,7 @@ def test_unknown_config_key(digits, tmp_path):
         train("fp", tmp_path, digits, "train.lerning_rate=0.1")
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"_base_: {CONFIGS / 'fp.yaml'}\nmodel: {{embed_dimm: 8}}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.embed_dimm"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'model\.embed_dimm'; did you mean model\.embed_dim\?"):
         vit_train.main(["--config", str(bad)])
 
 

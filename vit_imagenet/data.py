@@ -124,7 +124,10 @@ class HFImageDataset(Dataset):
         return self.transform(ToRGB()(ex[self.image_key])), int(ex[self.label_key])
 
 
-def load_hf_imagenet(split, cache_dir=None, transform=None, name="ILSVRC/imagenet-1k"):
+HF_IMAGENET = "ILSVRC/imagenet-1k"  # data.source: hf
+
+
+def load_hf_imagenet(split, cache_dir=None, transform=None, name=HF_IMAGENET):
     """ImageNet-1k through the ``datasets`` hub builder (gated: needs an accepted licence, a login and
     ~150 GB); a second source when no ImageFolder copy exists.  ``split``: train | val | validation.
     Labels use the standard 0..999 order (same as sorted wnid folders).  Cannot run offline."""

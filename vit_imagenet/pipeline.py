@@ -152,7 +152,7 @@ def create_model(cfg: dict, pretrained: bool | None = None) -> nn.Module:
             raise RunError(
                 f"{cfg.get('config_file')}: could not load the pretrained weights of {m['name']!r} "
                 f"({type(e).__name__}: {e}). Offline? Download them once (they go to the Hugging Face cache), or "
-                f"point model.pretrained_cfg_overlay={{file: /path/to/model.safetensors}} at a local copy, or "
+                f"set model.pretrained_cfg_overlay.file=/path/to/model.safetensors (a local copy), or "
                 f"model.checkpoint_path at a timm checkpoint") from e
         raise
 

@@ -24,7 +24,7 @@ from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForC
 
 from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 # batch_split: for reproduce.py's up-front check of the global batch
-from common.hf import batch_split, check_model_source, global_batch_of, stage_callbacks  # noqa: E402,F401
+from common.hf import batch_split, check_model_source, end_of_run, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
 import common.hf as hf  # noqa: E402
 from common.runs import cli, prepare_output_dir, reevaluated, save_weight_sample, stage_metrics, write_json  # noqa: E402
@@ -179,7 +179,7 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, r
     """Evaluate every eval split, then write metrics.json, predictions_<split>.jsonl, log_history.json and the
     weight sample (files on the main process only; evaluation runs on all). eval.py passes the training run's
     metrics as `prev`: its facts are kept (common.runs.reevaluated), and log_history.json and weight_sample.npz
-    (whose 'before' is the init checkpoint) stay as trained."""
+    (whose 'before' is the init checkpoint) stay as trained. Ends a multi-process run (common.hf.end_of_run)."""
     task = {}
     for split, ds in trainer.eval_sets.items():
         key = split_key(split)
@@ -201,6 +201,7 @@ def finish_run(cfg, out_dir: Path, trainer, model, init_state, steps: int = 0, r
         if prev is None:
             write_json(out_dir / "log_history.json", trainer.state.log_history)
         write_json(out_dir / "metrics.json", out)
+    end_of_run(trainer)
     return out
 
 
@@ -276,6 +277,7 @@ def main(argv=None) -> dict:
     info["train_cpu_s"] = round(time.process_time() - c0, 1)  # CPU seconds, all threads (contention-free measure)
     if cfg.get("interrupt_at_step") and steps == cfg["interrupt_at_step"]:
         print(f"[{PIPELINE}/{cfg['stage']}] interrupted at step {steps} (interrupt_at_step); resume=true continues")
+        end_of_run(trainer)
         return {}
     trainer.save_model(str(out_dir))
     out = finish_run(cfg, out_dir, trainer, model, init_state, steps, runtime, info)
