@@ -34,9 +34,10 @@ def two_processes(launch: str, module: bool = True, n: int = 2) -> list[str]:
 
 def process_env() -> dict:
     """The environment of the launched processes: one thread each (2 cores), the repository importable, and the
-    caller's PYTHONPATH kept after it (e.g. other library versions put in front of the venv's)."""
+    caller's PYTHONPATH kept after it (e.g. other library versions put in front of the venv's); unbuffered, so
+    that two ranks' lines reach the shared pipe whole, and a failure's output ends where the rank stopped."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, PYTHONUNBUFFERED="1")
 
 
 def launched(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
@@ -50,6 +51,9 @@ def launched(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
         os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
         output, _ = p.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n" + output[-3000:])
+    except BaseException:  # Ctrl-C, a CI cancel: the workers are in their own session and would outlive the test
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
     return p.returncode, output
 
 

@@ -49,7 +49,7 @@ def test_two_processes(tmp_path, launch):
     digits = tmp_path / "digits"
     _tiny_tree(digits)
     out = tmp_path / "run"
-    output = run_launched(two_processes(launch) + _args(digits, out), timeout=180)
+    output = run_launched(two_processes(launch) + _args(digits, out))
     assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_batch_size"] == 16 and m["train_steps"] == 6
@@ -73,16 +73,14 @@ def test_resume_on_another_world_size(tmp_path):
     digits = tmp_path / "digits"
     _tiny_tree(digits)
     nodrop = ["dropout.p=0.0"]
-    run_launched(two_processes("torchrun") + _args(digits, tmp_path / "cut", *nodrop, "interrupt_at_step=3"),
-                 timeout=180)
+    run_launched(two_processes("torchrun") + _args(digits, tmp_path / "cut", *nodrop, "interrupt_at_step=3"))
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     with pytest.raises(RunError, match="same global batch and step count"):  # another global batch: refused
         vit_train.main(_args(digits, tmp_path / "cut", *nodrop, "resume=true", "train.global_batch_size=8")[1:])
-    log = run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"), timeout=180)
+    log = run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"))
     assert "resumed at step 3 on 1 processes a checkpoint saved by 2" in log
     assert "world 1 x batch 8 x accumulation 2 = global batch 16" in log
-    run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop, "train.batch_size=16"),
-                 timeout=180)
+    run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop, "train.batch_size=16"))
     assert_close_weights(*(load_file(str(tmp_path / d / "model.safetensors")) for d in ("cut", "full")))
     logged, full = ([r for r in json.loads((tmp_path / d / "log_history.json").read_text()) if "loss" in r]
                     for d in ("cut", "full"))
