@@ -97,17 +97,18 @@ def test_paper_scale_checks_the_timm_weights(monkeypatch, tmp_path):
     assert "nosuchtag" in reproduce.timm_model_problems(bad, "b")[0]
 
 
-def test_vit_hub_imagenet_is_checked_instead_of_data_dir(monkeypatch):
+def test_vit_hub_imagenet_is_checked_instead_of_data_dir(monkeypatch, tmp_path):
     """data.source=hf reads ImageNet from the hub: the unused data_dir is not asked for, the hub data set is."""
-    asked = []
+    asked, nowhere = [], f"data.data_dir={tmp_path / 'imagenet'}"
     monkeypatch.setattr(reproduce, "hub_reachable", lambda name, kind: asked.append((name, kind)) or kind == "model")
-    assert any("data_dir=data/imagenet does not exist" in p for p in reproduce.missing_inputs("vit_imagenet", "paper"))
+    assert reproduce.missing_inputs("vit_imagenet", "paper", ["fp"], [nowhere]) == \
+        [f"vit_imagenet/fp: data_dir={tmp_path / 'imagenet'} does not exist"]
     assert ("ILSVRC/imagenet-1k", "dataset") not in asked
-    problems = reproduce.missing_inputs("vit_imagenet", "paper", ["fp"], ["data.source=hf"])
+    problems = reproduce.missing_inputs("vit_imagenet", "paper", ["fp"], [nowhere, "data.source=hf"])
     assert problems == ["vit_imagenet/fp: data set 'ILSVRC/imagenet-1k' is neither in the local Hugging Face cache "
                         "nor reachable on the hub, and data.source is hf"]
     monkeypatch.setattr(reproduce, "hub_reachable", lambda name, kind: True)
-    assert reproduce.missing_inputs("vit_imagenet", "paper", ["fp"], ["data.source=hf"]) == []
+    assert reproduce.missing_inputs("vit_imagenet", "paper", ["fp"], [nowhere, "data.source=hf"]) == []
 
 
 def test_hub_reachable_accepts_the_local_cache(tmp_path, monkeypatch):
