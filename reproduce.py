@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from common.config import ConfigError  # noqa: E402
-from vit_imagenet.data import HF_IMAGENET  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
@@ -166,7 +165,10 @@ def missing_inputs(pipeline: str, scale: str, stages: list[str] | None = None,
                 problems.append(f"{pipeline}/{stage}: model {name!r} is neither a local path, in the local "
                                 f"Hugging Face cache, nor reachable on the hub")
         problems += timm_model_problems(cfg, f"{pipeline}/{stage}")
-        ds = data.get("dataset_name") or (HF_IMAGENET if hub_data else None)
+        ds = data.get("dataset_name")
+        if hub_data:
+            from vit_imagenet.data import HF_IMAGENET
+            ds = ds or HF_IMAGENET
         if ds and (hub_data or not any(data.get(k) for k in ("train_file", "librispeech_root", "data_dir"))):
             if not hub_reachable(str(ds), "dataset"):
                 why = "data.source is hf" if hub_data else "no local files are configured"

@@ -78,16 +78,20 @@ def load_yaml_config(path: str | Path) -> dict:
     return _merge(merged, data, str(path))
 
 
-def check_open_section(path, overrides: list[str] | None, section: str, known, where: str | None = None) -> None:
-    """The keys of an open section (OPEN_SECTIONS: common.config leaves them to their consumer) against the
-    consumer's `known` names, in the stage file and on the command line: the first unknown one is a ConfigError
-    naming its source, with the nearest known names; `where` says where the known names are listed when they are
-    too many to print (TrainingArguments has ~150)."""
-    for source, values in (("command line", parse_overrides(overrides or []).get(section)),
-                           (f"{path} (or a file in its _base_ chain)", load_yaml_config(path).get(section))):
-        unknown = sorted(set(values) - set(known)) if isinstance(values, dict) else []
-        if unknown:
-            raise unknown_key(source, section + ".", unknown[0], known, where)
+def check_open_section(cfg: dict, overrides: list[str] | None, section: str, known,
+                       where: str | None = None) -> None:
+    """The keys of an open section (OPEN_SECTIONS: common.config leaves them to their consumer) of a loaded config
+    against the consumer's `known` names: the first unknown one is a ConfigError naming its source (the command
+    line's first, then the stage file's), with the nearest known names; `where` says where the known names are
+    listed when they are too many to print (TrainingArguments has ~150)."""
+    values = cfg.get(section)
+    unknown = sorted(set(values) - set(known)) if isinstance(values, dict) else []
+    if not unknown:
+        return
+    given = parse_overrides(overrides or []).get(section)
+    typed = [k for k in unknown if isinstance(given, dict) and k in given]
+    source = "command line" if typed else f"{cfg['config_file']} (or a file in its _base_ chain)"
+    raise unknown_key(source, section + ".", (typed or unknown)[0], known, where)
 
 
 def _value(raw: str):

@@ -110,7 +110,7 @@ def load_stage_config(path, overrides: list[str] | None, pipeline: str) -> dict:
     there stops the stage, and reproduce.py's up-front check, before anything is loaded or written."""
     cfg = expand_paths(load_config(path, overrides), pipeline)
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    check_open_section(path, overrides, "train", fields, "the fields of transformers' TrainingArguments")
+    check_open_section(cfg, overrides, "train", fields, "the fields of transformers' TrainingArguments")
     return cfg
 
 

@@ -46,7 +46,7 @@ def load_stage_config(path, overrides=None) -> dict:
     """load_config + path placeholders ({runs_dir}, {scale}, {stage}) + checks of this pipeline's own values."""
     cfg = expand_paths(load_config(path, overrides), PIPELINE)
     # common.config leaves `train` open (the HF pipelines pass it to TrainingArguments); ours is a closed set
-    check_open_section(path, overrides, "train", load_yaml_config(BASE_CONFIG)["train"])
+    check_open_section(cfg, overrides, "train", load_yaml_config(BASE_CONFIG)["train"])
     src = cfg.get("config_file", str(path))
     t = cfg["train"]
     for key in ("batch_size", "global_batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
