@@ -76,8 +76,8 @@ def comparable(cfg: dict) -> dict:
     runs = str(cfg.get("runs_dir") or "").rstrip("/")
 
     def norm(v):
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, dict):  # at any depth (dropout.step_at, added with a null default)
+            return {k: norm(x) for k, x in v.items() if x is not None}
         if runs and isinstance(v, str) and (v == runs or v.startswith(runs + "/")):
             return os.path.abspath(v)
         return v
@@ -298,8 +298,11 @@ def split_override(o: str) -> tuple[str | None, str]:
 
 def overrides_for(pipeline: str, stage: str, given: list[str]) -> list[str]:
     """The --set overrides that apply to a stage: unprefixed ones, PIPELINE: ones of its pipeline, and
-    PIPELINE/STAGE: ones of itself."""
-    return [kv for prefix, kv in map(split_override, given) if prefix in (None, pipeline, f"{pipeline}/{stage}")]
+    PIPELINE/STAGE: ones of itself, in that order whatever their order on the command line, so that the more
+    specific one wins (abl_pretrained_init's own model_name_or_path over a pipeline-wide one)."""
+    levels = (None, pipeline, f"{pipeline}/{stage}")
+    split = [split_override(o) for o in given]
+    return [kv for level in levels for prefix, kv in split if prefix == level]
 
 
 def main(argv=None) -> int:

@@ -90,8 +90,19 @@ def check_open_section(cfg: dict, overrides: list[str] | None, section: str, kno
         return
     given = parse_overrides(overrides or []).get(section)
     typed = [k for k in unknown if isinstance(given, dict) and k in given]
-    source = "command line" if typed else f"{cfg['config_file']} (or a file in its _base_ chain)"
-    raise unknown_key(source, section + ".", (typed or unknown)[0], known, where)
+    raise unknown_key(source_of(cfg, overrides, f"{section}.{(typed or unknown)[0]}"), section + ".",
+                      (typed or unknown)[0], known, where)
+
+
+def source_of(cfg: dict, overrides: list[str] | None, key: str) -> str:
+    """Where a loaded config's dotted `key` was set, for an error message: the command line if an override sets
+    it, else the stage file (or a file of its _base_ chain)."""
+    given = parse_overrides(overrides or [])
+    for part in key.split("."):
+        if not isinstance(given, dict) or part not in given:
+            return f"{cfg.get('config_file', 'config')} (or a file in its _base_ chain)"
+        given = given[part]
+    return "command line"
 
 
 def _value(raw: str):

@@ -15,6 +15,7 @@ from .config import ConfigError, check_open_section, expand_paths, load_config, 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
 from .pact import clip_state_as_1d
+from .stage import check_stage_config
 
 
 class ScheduledDropoutCallback(TrainerCallback):
@@ -51,7 +52,9 @@ class InterruptCallback(TrainerCallback):
 def stage_callbacks(cfg: dict) -> list[TrainerCallback]:
     """The callbacks of every HF stage: the config's dropout schedule, and the test-only interruption."""
     drop = cfg.get("dropout") or {}
-    callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0))]
+    step_at = drop.get("step_at")
+    callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0),
+                                          step_at=0.5 if step_at is None else float(step_at))]
     if cfg.get("interrupt_at_step"):
         callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
     return callbacks
@@ -111,6 +114,7 @@ def load_stage_config(path, overrides: list[str] | None, pipeline: str) -> dict:
     cfg = expand_paths(load_config(path, overrides), pipeline)
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     check_open_section(cfg, overrides, "train", fields, "the fields of transformers' TrainingArguments")
+    check_stage_config(cfg, overrides)
     return cfg
 
 

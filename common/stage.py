@@ -3,13 +3,16 @@ start from the configured init checkpoint (with its 2:4 masks), prepare with the
 activation clips, and build the frozen full-precision teacher for distillation."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .config import ConfigError, check_open_section, source_of
 from .distill import DistillationLoss
+from .dropout import SCHEDULES
 from .fast_dropout import use_fast_dropout
 from .prepare import calibrate, prepare
 from .recipe import Recipe, RecipeError
@@ -25,6 +28,30 @@ def stage_recipe(cfg: dict) -> Recipe | None:
         return Recipe.from_dict(comp, source=f"{cfg.get('config_file', 'config')}: compression")
     except RecipeError:
         raise
+
+
+def check_stage_config(cfg: dict, overrides: list[str] | None) -> None:
+    """The `compression` section (keys and values, as the stage will build its Recipe) and the dropout schedule,
+    checked when the config is loaded: in reproduce.py's up-front check a typo there would otherwise surface only
+    when its stage starts, after the stages before it have trained."""
+    if cfg.get("compression"):
+        check_open_section(cfg, overrides, "compression", {f.name for f in dataclasses.fields(Recipe)},
+                           "the fields of common.Recipe")
+        try:
+            Recipe.from_dict(cfg["compression"], source="compression")
+        except RecipeError as e:
+            typed = any(source_of(cfg, overrides, f"compression.{k}") == "command line" for k in cfg["compression"])
+            where = "command line (or the stage file)" if typed else source_of(cfg, overrides, "compression")
+            raise ConfigError(f"{where}: {e}") from None
+    drop = cfg.get("dropout") or {}
+    if "schedule" in drop and drop["schedule"] not in SCHEDULES:
+        raise ConfigError(f"{source_of(cfg, overrides, 'dropout.schedule')}: 'dropout.schedule' must be one of "
+                          f"{', '.join(SCHEDULES)}, got {drop['schedule']!r}")
+    step_at = drop.get("step_at")
+    if step_at is not None and (isinstance(step_at, bool) or not isinstance(step_at, (int, float))
+                                or not 0 <= step_at <= 1):
+        raise ConfigError(f"{source_of(cfg, overrides, 'dropout.step_at')}: 'dropout.step_at' must be a fraction "
+                          f"of training in [0, 1] or null, got {step_at!r}")
 
 
 def _existing_dir(cfg: dict, key: str, value) -> Path:

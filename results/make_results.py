@@ -10,8 +10,8 @@ extra seeds of a stage (metrics.json "seed_repeat": k, reproduce.py --seeds) in
 <stage>_seed<k>/. Writes main_table.{md,csv}, ablations.{md,csv} (default seed),
 seeds.{md,csv} (spread over seeds), plot_*.png and README.md
 (from README.template.md) into --out. Broken runs are reported on stderr and
-skipped; a main stage without a usable run keeps its row, marked "not run" or
-"unreadable". A RUNS_DIR that is missing or holds no run, a bad --out, --template
+skipped; a main stage without a usable run keeps its row, marked "not run",
+"not finished" or "unreadable". A RUNS_DIR that is missing or holds no run, a bad --out, --template
 or paper reference is an error (exit 2) and nothing is written. Tables are
 deterministic: same runs in, same bytes out.
 """
@@ -44,6 +44,8 @@ LAYOUT = "RUNS_DIR/<scale>/<pipeline>/<stage>/metrics.json (e.g. runs/mini/bert_
 # ---------------------------------------------------------------- contract ---
 # Keys a metrics.json must have; without them the run cannot be placed in a table.
 REQUIRED_KEYS = ("pipeline", "stage", "scale", "model", "main_metric", "higher_is_better")
+NAME_KEYS = ("pipeline", "stage", "scale", "main_metric")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 # Stage directory -> row label of the main table (order = table order).
 MAIN_ROWS = {"fp": "FP", "sparse": "2:4", "qat4_dense": "W4A4", "qat4": "W4A4+2:4"}
 FULL_RECIPE = "qat4"  # ablations are compared against this stage
@@ -188,6 +190,8 @@ def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
     """Returns (run, "") or (None, reason it was skipped)."""
     mpath = d / "metrics.json"
     if not mpath.is_file():
+        if (d / "config.yaml").is_file():  # what reproduce.py resumes
+            return None, "not finished: config.yaml but no metrics.json (interrupted or still running)"
         return None, "no metrics.json"
     try:
         m = json.loads(mpath.read_text())
@@ -200,6 +204,10 @@ def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
         return None, f"metrics.json lacks required keys: {', '.join(missing)}"
     if not isinstance(m["higher_is_better"], bool):
         return None, "metrics.json: higher_is_better must be true or false"
+    bad = [k for k in NAME_KEYS if not isinstance(m[k], str) or not NAME_RE.fullmatch(m[k])]
+    if bad:  # they become table keys and plot file names: a list cannot be looked up, a '/' makes a path
+        return None, (f"metrics.json: {', '.join(f'{k} {m[k]!r}' for k in bad)}: must be a name of letters, "
+                      "digits, '_', '.' or '-'")
     if num(m.get(m["main_metric"])) is None:
         return None, f"metrics.json has no numeric value for its main_metric '{m['main_metric']}'"
     config, sha = None, ""
@@ -284,18 +292,24 @@ def layout_hint(runs_dir: Path) -> str:
     """Where metrics.json files are, if not at the depth the layout expects: the likely meant RUNS_DIR."""
     def up(p: Path) -> Path:  # a parent that prints sensibly for ".", "mini" and "runs/mini"
         return p.parent if p.name not in ("", ".", "..") else p.resolve().parent
+    def found(depth: int) -> list[Path]:  # metrics.json files `depth` dirs down, not under a hidden dir
+        return [m for m in runs_dir.glob("/".join(["*"] * depth + ["metrics.json"]))
+                if not any(part.startswith(".") for part in m.relative_to(runs_dir).parts)]
     for depth, fix in ((2, 1), (1, 2)):  # too deep by `fix` levels
-        if next(runs_dir.glob("/".join(["*"] * depth + ["metrics.json"])), None) is not None:
+        if found(depth):
             target = runs_dir
             for _ in range(fix):
                 target = up(target)
             holds = "<pipeline>/<stage>" if fix == 1 else "<stage>"
             return (f" {runs_dir} looks {fix} level{'s' * (fix > 1)} too deep (it holds {holds} dirs); "
                     f"did you mean {target}?")
-    deeper = sorted({m.parents[3] for m in runs_dir.glob("*/*/*/*/metrics.json")})
+    deeper = sorted({m.parents[3] for m in found(4)})
     if deeper:
         return (f" {runs_dir} looks one level too shallow: did you mean "
                 f"{' or '.join(str(d) for d in deeper[:3])}?")
+    if any(runs_dir.glob("*/*/.replaced/*/metrics.json")):
+        return (" The only runs there are under <pipeline>/.replaced/, where reproduce.py sets aside runs made "
+                "with another config; move one back to <pipeline>/<stage>/ to use it.")
     return ""
 
 
@@ -412,7 +426,7 @@ RUN_KEYS = ("w_bits", "a_bits", "sparsity", "quantize_attention", "zero_preservi
 
 
 class Gap(NamedTuple):
-    status: str  # not run | unreadable: <why> | not used: <why>
+    status: str  # not run | not finished: <why> | unreadable: <why> | not used: <why>
     metric: str  # the pipeline's main metric and direction, from its other runs, for the marked row
     higher_is_better: bool
 
@@ -420,8 +434,8 @@ class Gap(NamedTuple):
 def stage_gaps(runs: list[Run], skipped: list[tuple[str, str]], refused: dict) -> dict:
     """(scale, pipeline, stage) -> Gap, for each stage a scale/pipeline with runs (any seed) should have but has
     no usable default-seed run of: the configured main stages and ablations, and any other stage whose own dir was
-    skipped. Status: "not run" (no dir), "unreadable: <why>" (its own dir was skipped), "not used: <why>"
-    (several dirs claim it). A gap must show in the tables: a vanished row reads as 'nothing to see'."""
+    skipped. Status: "not run" (no dir), "not finished: <why>" (its own dir has config.yaml but no metrics.json),
+    "unreadable: <why>" (its own dir was skipped otherwise), "not used: <why>" (several dirs claim it). A gap must show in the tables: a vanished row reads as 'nothing to see'."""
     have = {(r.scale, r.pipeline, r.stage) for r in runs if not r.repeat}
     bad = dict(skipped)
     gaps = {}
@@ -439,6 +453,7 @@ def stage_gaps(runs: list[Run], skipped: list[tuple[str, str]], refused: dict) -
                 continue
             own = own_dir(sc, pl, st, 0)
             status = (f"not used: {refused[(sc, pl, st, 0)]}" if (sc, pl, st, 0) in refused
+                      else bad[own] if own in bad and bad[own].startswith("not finished")
                       else f"unreadable: {bad[own]}" if own in bad else "not run")
             gaps[(sc, pl, st)] = Gap(status, like.metric, bool(like.m["higher_is_better"]))
     return gaps
@@ -468,7 +483,8 @@ def main_records(runs: list[Run], ref: dict, gaps: dict | None = None) -> list[d
         if st not in MAIN_ROWS:
             continue
         rec = _main_record(sc, pl, st, gap.metric, gap.higher_is_better, ref, mets)
-        rec.update(status=gap.status, run_dir=own_dir(sc, pl, st, 0) if gap.status.startswith("unreadable") else "")
+        rec.update(status=gap.status, run_dir=own_dir(sc, pl, st, 0)
+                   if gap.status.startswith(("unreadable", "not finished")) else "")
         recs.append(rec)
     # stable sort: the runs are already in this order, so the gaps slot in without moving them
     return sorted(recs, key=lambda a: (rank(a["scale"], SCALE_ORDER), rank(a["pipeline"], PIPELINE_ORDER),
@@ -502,7 +518,7 @@ def main_csv_columns(runs: list[Run]) -> list[tuple[str, int]]:
             + [("export_" + k, 4) for k in EXPORT_KEYS]
             + [("train_steps", 0), ("train_runtime_s", 1), ("hardware", 0), ("date", 0),
                ("mini_scale_note", 0), ("paper_source", 0), ("config_sha1", 0), ("run_dir", 0),
-               ("status", 0)])  # ok, not run, unreadable: <why>, not used: <why>
+               ("status", 0)])  # ok, not run, not finished: <why>, unreadable: <why>, not used: <why>
 
 
 SCALE_SENTENCE = (
@@ -643,12 +659,19 @@ ABL_CSV_COLUMNS = [("scale", 0), ("pipeline", 0), ("factor", 0), ("variant", 0),
                    ("higher_is_better", 0), ("value", 4), ("full_recipe_value", 4), ("delta", 4), ("effect", 0),
                    ("shows_paper_effect", 0),
                    ("model", 0), ("hardware", 0), ("date", 0), ("run_dir", 0),
-                   ("status", 0)]  # ok, unreadable: <why>, not used: <why>
+                   ("status", 0)]  # ok, not finished: <why>, unreadable: <why>, not used: <why>
 
 
 def ablations_md(recs: list[dict], runs: list[Run], gaps: dict | None = None) -> str:
+    gaps = gaps or {}
+    # a pipeline whose configured ablations were never run (QUICK=1) gets its line too, saying so
+    groups = sorted({(a["scale"], a["pipeline"]) for a in recs}
+                    | {(sc, pl) for sc, pl, st in gaps if st.startswith(ABLATION_PREFIX)},
+                    key=lambda g: (rank(g[0], SCALE_ORDER), rank(g[1], PIPELINE_ORDER)))
+    summary = "".join(ablation_tally(sc, pl, [a for a in recs if (a["scale"], a["pipeline"]) == (sc, pl)], gaps)
+                      for sc, pl in groups)
     if not recs:
-        return "No ablation runs found (stages named `abl_*`).\n"
+        return "No ablation runs found (stages named `abl_*`).\n" + (f"\n{summary}" if summary else "")
     header = ["Scale", "Pipeline", "Factor", "Variant", "Metric", "Value", "Full recipe (qat4)",
               "Δ (ablation − full)", "Effect", "Shows the paper's effect"]
     rows = [[a["scale"], a["pipeline"], a["factor"], a["variant"],
@@ -657,10 +680,6 @@ def ablations_md(recs: list[dict], runs: list[Run], gaps: dict | None = None) ->
              a["shows_paper_effect"]]
             for a in recs]
     used = [r for r in runs if r.is_ablation or r.stage == FULL_RECIPE]
-    groups = sorted({(a["scale"], a["pipeline"]) for a in recs},
-                    key=lambda g: (rank(g[0], SCALE_ORDER), rank(g[1], PIPELINE_ORDER)))
-    summary = "".join(ablation_tally(sc, pl, [a for a in recs if (a["scale"], a["pipeline"]) == (sc, pl)], gaps or {})
-                      for sc, pl in groups)
     return f"{ABL_SENTENCE}\n\nRuns: {label_runs(used)}.\n\n{summary}\n" + md_table(header, rows)
 
 
@@ -670,7 +689,8 @@ def ablation_tally(sc: str, pl: str, recs: list[dict], gaps: dict) -> str:
     compared = [a for a in recs if a["delta"] is not None]
     line = (f"- {sc} {pl}: {sum(a['shows_paper_effect'] == 'yes' for a in compared)} of {len(compared)} ablations "
             f"show the paper's effect (the full recipe better than the ablation)." if compared else
-            f"- {sc} {pl}: no ablation has a Δ to the full recipe (no usable `{FULL_RECIPE}` result).")
+            f"- {sc} {pl}: no ablation has a Δ to the full recipe (no usable `{FULL_RECIPE}` result)."
+            if any(a["status"] == "ok" for a in recs) else f"- {sc} {pl}: no ablation result.")
     lacking = {st: gap.status for (s, p, st), gap in gaps.items()
                if (s, p) == (sc, pl) and st.startswith(ABLATION_PREFIX)}
     if lacking:
@@ -725,7 +745,9 @@ def seed_records(runs: list[Run]) -> list[dict]:
                "min": min(vals), "max": max(vals)}
         full = groups.get((sc, pl, FULL_RECIPE))
         comparable = st.startswith(ABLATION_PREFIX) and full is not None and full[0].metric == rec["metric"]
-        if comparable and seed_ids(full) != seed_ids(group):
+        if st.startswith(ABLATION_PREFIX) and full is None:
+            rec["shows_paper_effect"] = f"no Δ: the full recipe (`{FULL_RECIPE}`) has no run of an extra seed"
+        elif comparable and seed_ids(full) != seed_ids(group):
             # Means over different seeds differ by the seeds too (e.g. qat4's default seed unreadable: 43 44 vs
             # 42 43 44); rather than a Δ that looks like the others but is not, no Δ and the reason.
             rec["shows_paper_effect"] = (f"no Δ: the full recipe has seeds {' '.join(seed_ids(full))}, "
@@ -979,16 +1001,22 @@ def runs_md(runs: list[Run]) -> str:
     return md_table(header, rows)
 
 
-def wall_times_md(runs_dir: Path) -> str:
+def wall_times_md(runs_dir: Path, used: set[str] | None = None) -> str:
     """RUNS_DIR/<scale>/reproduce_times.json (written by reproduce.py per stage) -> minutes per pipeline:
-    main rows (what QUICK=1 runs), ablations, all stages; successful stages only."""
-    rows = []
+    main rows (what QUICK=1 runs), ablations, all stages; successful stages only, and with `used` (the run dirs
+    of the tables, relative to RUNS_DIR) only those whose run is in the tables: a time outlives its run dir."""
+    rows, dropped = [], 0
     for scale_dir in sorted(p for p in runs_dir.glob("*") if p.is_dir()):
         times = _read_json(scale_dir / "reproduce_times.json", "reproduce_times.json", dict)
         if not times:
             continue
-        ok = [t for t in times.values() if isinstance(t, dict) and t.get("status") == "ok"
-              and num(t.get("seconds")) is not None]
+        ok = {k: t for k, t in times.items() if isinstance(t, dict) and t.get("status") == "ok"
+              and num(t.get("seconds")) is not None}
+        if used is not None:
+            kept = {k: t for k, t in ok.items() if f"{scale_dir.name}/{k}" in used}
+            dropped += len(ok) - len(kept)
+            ok = kept
+        ok = list(ok.values())
         pipelines = sorted({t.get("pipeline", "?") for t in ok}, key=lambda p: rank(p, PIPELINE_ORDER))
         for pl in [*pipelines, None]:
             sel = [t for t in ok if pl is None or t.get("pipeline") == pl]
@@ -1003,11 +1031,14 @@ def wall_times_md(runs_dir: Path) -> str:
                          f"{sum(abl) / 60:.1f} ({len(abl)})", f"{sum(rep) / 60:.1f} ({len(rep)})",
                          f"{(sum(main) + sum(abl) + sum(rep)) / 60:.1f}",
                          "; ".join(hw), f"{dates[0]} to {dates[-1]}" if dates[0] != dates[-1] else dates[0]])
+    note = (f"\n{dropped} recorded stage time{'s' * (dropped > 1)} left out: {'their' if dropped > 1 else 'its'} "
+            "run dir is not in the tables (removed, set aside or unreadable).\n" if dropped else "")
     if not rows:
-        return "No `reproduce_times.json` under the runs dir (stages run by `reproduce.py` record their times).\n"
+        return ("No `reproduce_times.json` under the runs dir (stages run by `reproduce.py` record their times)"
+                " for the runs in the tables.\n" + note)
     return md_table(["Scale", "Pipeline", "Main rows, min (stages)", "Ablations, min (stages)",
                      "Extra seeds, min (stages)", "All, min",
-                     "Hardware", "Dates"], rows)
+                     "Hardware", "Dates"], rows) + note
 
 
 def paper_reference_md(ref_rows: list[dict] | None) -> str:
@@ -1024,21 +1055,43 @@ def plots_md(summary: list[tuple[str, str, list[Run]]], per_run: list[tuple[str,
     return "\n".join(parts)
 
 
+GENERATED = re.compile(r"<!-- Generated from .* by results/make_results\.py")
+
+
 def write_readme(out: Path, template: str, fields: dict) -> None:
     text = template
     for k, v in fields.items():
         text = text.replace("{{%s}}" % k, v.rstrip("\n"))
+    if not GENERATED.search(text):  # a template of the user's own: the mark lets the next run replace its output
+        text += "\n<!-- Generated from a README template by results/make_results.py. -->\n"
     (out / "README.md").write_text(text)
+
+
+def own_plot(name: str, scales: set, pipelines: set) -> bool:
+    """A per-run plot this script writes (plot_<kind>_<scale>_<pipeline>.png), for the known or found scales and
+    pipelines: the stale ones are deleted, a user's own plot_*.png in --out never is."""
+    m = re.fullmatch(r"plot_(?:training_curves|weight_histogram)_([A-Za-z0-9.-]+)_([A-Za-z0-9_.-]+)\.png", name)
+    return bool(m) and m[1] in scales and m[2] in pipelines
 
 
 # --------------------------------------------------------------------- main ---
 def check_out(out: Path) -> None:
-    """--out is a folder, or does not exist yet and is created; a file in its place is never replaced."""
+    """--out is a folder, or does not exist yet and is created; a file in its place is never replaced, nor a
+    README.md this script did not write (`--out .` at the repository root would replace the project's)."""
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise InputError(f"--out {out}: {p} is a file, not a folder; give a folder for the results")
-            return
+            break
+    readme = out / "README.md"
+    if readme.is_file():
+        try:
+            ours = bool(GENERATED.search(readme.read_text(errors="replace")))
+        except OSError as e:
+            raise InputError(f"--out {out}: {readme} cannot be read ({e})") from e
+        if not ours:
+            raise InputError(f"--out {out}: {readme} was not written by make_results.py and would be replaced; "
+                             "give another --out, or move that file")
 
 
 def read_template(path: Path) -> str:
@@ -1111,8 +1164,11 @@ def make(args: argparse.Namespace) -> int:
     write_csv(out / "seeds.csv", SEED_CSV_COLUMNS, srecs)
 
     # Per-run plots are regenerated from scratch so none outlives its runs.
-    for stale in [*out.glob("plot_training_curves_*.png"), *out.glob("plot_weight_histogram_*.png")]:
-        stale.unlink()
+    scales_known = {*SCALE_ORDER, *(r.scale for r in all_runs)}
+    pipelines_known = {*PIPELINE_ORDER, *(r.pipeline for r in all_runs)}
+    for stale in sorted(out.glob("plot_*.png")):
+        if own_plot(stale.name, scales_known, pipelines_known):
+            stale.unlink()
     main_runs = [r for r in runs if not r.is_ablation]
     summary = [(plot_metric_vs_compression(mrecs, runs, ref, out), "Task metric vs compression", main_runs),
                (plot_ablations(arecs, out, srecs), "Ablation deltas vs full recipe",
@@ -1124,7 +1180,7 @@ def make(args: argparse.Namespace) -> int:
         "scales": ", ".join(f"`{s}`" for s in scales) or "none (no runs yet)",
         "runs_label": label_runs(runs) if runs else "no runs",
         "runs_table": runs_md(all_runs),
-        "wall_times": wall_times_md(runs_dir),
+        "wall_times": wall_times_md(runs_dir, {r.rel for r in all_runs}),
         "main_table": main_md,
         "ablations_table": abl_md,
         "seeds_table": seed_md,

@@ -54,3 +54,11 @@ def test_unquoted_no_strategy_from_yaml(tmp_path):
     assert train["eval_strategy"] is False
     args = training_arguments({"train": train, "config_file": "x.yaml"}, tmp_path)
     assert args.eval_strategy.value == "no" and args.save_strategy.value == "no"
+
+
+@pytest.mark.parametrize("step_at,expected", [(None, 0.5), (0.25, 0.25)])
+def test_dropout_step_at_reaches_the_hf_schedule(step_at, expected):
+    """dropout.step_at (null: halfway) is passed to the HF pipelines' ScheduledDropout, as ViT's train.py does."""
+    from common.hf import ScheduledDropoutCallback, stage_callbacks
+    cb = stage_callbacks({"dropout": {"schedule": "step", "end_p": 0.0, "step_at": step_at}})[0]
+    assert isinstance(cb, ScheduledDropoutCallback) and cb.kw["step_at"] == expected and cb.kw["schedule"] == "step"

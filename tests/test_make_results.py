@@ -18,6 +18,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 import make_results  # noqa: E402
 
 FAKE_MODEL = "FIXTURE-fake-model (not a result)"
+GENERATED_MARK = "<!-- Generated from results/README.template.md by results/make_results.py -->"
 
 
 def _metrics(pipeline, stage, **kw):
@@ -161,6 +162,7 @@ def _filled_out(out):
     out.mkdir()
     for name in ("main_table.md", "main_table.csv", "README.md", "plot_training_curves_mini_bert_squad.png"):
         (out / name).write_text(f"FIXTURE earlier {name}\n")
+    (out / "README.md").write_text(f"{GENERATED_MARK}\nFIXTURE earlier README.md\n")  # one an earlier run wrote
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 
@@ -368,3 +370,100 @@ def test_seed_verdicts(tmp_path, abl, verdict):
                        _metrics("bert_squad", stage, exact_match=v, f1=v, **extra), logs=False)
     recs = {r["stage"]: r for r in make_results.seed_records(make_results.load_runs(runs)[0])}
     assert recs["abl_no_kd"]["shows_paper_effect"] == verdict and recs["qat4"]["n"] == 3
+
+
+def test_out_keeps_the_files_make_results_did_not_write(runs, tmp_path, capsys):
+    """A README.md of the user's in --out stops the call (nothing written); a plot_*.png of the user's own
+    survives a run, a stale per-run plot of this script's naming does not."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("FIXTURE: the user's own notes\n")
+    assert make_results.main([str(runs), "--out", str(out)]) == 2
+    assert "README.md was not written by make_results.py" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["README.md"]
+    (out / "README.md").write_text(f"{GENERATED_MARK}\nFIXTURE earlier README.md\n")
+    for name in ("plot_training_curves_my_experiment.png", "plot_weight_histogram_final_v2.png",
+                 "plot_training_curves_mini_vit_imagenet.png"):  # the last: of a pipeline with no usable run
+        (out / name).write_text("FIXTURE\n")
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    assert (out / "plot_training_curves_my_experiment.png").read_text() == "FIXTURE\n"
+    assert (out / "plot_weight_histogram_final_v2.png").read_text() == "FIXTURE\n"
+    assert not (out / "plot_training_curves_mini_vit_imagenet.png").exists()
+    assert make_results.main([str(runs), "--out", str(out)]) == 0  # its own README is replaced on a rerun
+    # a template of the user's own without the mark: the mark is added, so the next run may replace it
+    tpl = tmp_path / "tpl.md"
+    tpl.write_text("FIXTURE template\n{{main_table}}\n")
+    assert make_results.main([str(runs), "--out", str(out), "--template", str(tpl)]) == 0
+    assert make_results.main([str(runs), "--out", str(out), "--template", str(tpl)]) == 0
+
+
+def test_stage_times_without_their_run_are_left_out(runs, tmp_path):
+    """reproduce_times.json (FIXTURE seconds) names bert_squad/sparse, whose run dir is gone: the wall-time table
+    counts the stages in the tables only, and says how many it left out."""
+    t = {f"bert_squad/{s}": {"pipeline": "bert_squad", "stage": s, "main_row": True, "seconds": 60, "status": "ok",
+                             "hardware": "fixture-cpu", "date": "2000-01-02T03:04:05"} for s in ("fp", "sparse")}
+    (runs / "mini" / "reproduce_times.json").write_text(json.dumps(t))
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    assert "| mini | bert_squad | 1.0 (1) |" in readme
+    assert "1 recorded stage time left out: its run dir is not in the tables" in readme
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    ("main_metric", ["f1"], "main_metric ['f1']: must be a name"),
+    ("pipeline", "bert_squad/v2", "pipeline 'bert_squad/v2': must be a name"),
+    ("stage", {"a": 1}, "stage {'a': 1}: must be a name"),
+])
+def test_names_that_cannot_be_table_keys_or_file_names_are_skipped(runs, tmp_path, capsys, key, value, reason):
+    """FIXTURE metrics.json with a list, a path or a dict where a name belongs: skipped with the reason, the
+    other runs' tables and plots written."""
+    m = _metrics("bert_squad", "abl_oneshot", f1=50.0)
+    m[key] = value
+    _write_run(runs, "bert_squad", "abl_oneshot", m, logs=False)
+    assert make_results.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    assert reason in capsys.readouterr().err
+    assert (tmp_path / "out" / "plot_training_curves_mini_bert_squad.png").is_file()
+
+
+def test_runs_set_aside_only_get_their_own_hint(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write_run(runs, "bert_squad", ".replaced/qat4-20000102T030405Z", _metrics("bert_squad", "qat4", f1=1.0))
+    assert make_results.main([str(runs), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "only runs there are under <pipeline>/.replaced/" in err and "too shallow" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_stage_is_not_finished_and_unrun_ablations_are_named(tmp_path, capsys):
+    """bert_squad with fp and qat4 (FIXTURE) and a sparse dir holding config.yaml only (what an interrupted
+    stage leaves): its row says not finished; no ablation ran (QUICK=1), and ablations.md says which."""
+    runs = tmp_path / "runs"
+    _write_run(runs, "bert_squad", "fp", _metrics("bert_squad", "fp", f1=60.0))
+    _write_run(runs, "bert_squad", "qat4", _metrics("bert_squad", "qat4", f1=55.0))
+    (runs / "mini" / "bert_squad" / "sparse").mkdir()
+    (runs / "mini" / "bert_squad" / "sparse" / "config.yaml").write_text("fixture: true\n")
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    rows = {r["stage"]: r for r in _rows(out / "main_table.csv")}
+    assert rows["sparse"]["status"].startswith("not finished: config.yaml but no metrics.json")
+    assert rows["sparse"]["run_dir"] == "mini/bert_squad/sparse" and rows["qat4_dense"]["status"] == "not run"
+    assert "| mini | 2:4 | sparse | **not finished** |" in (out / "main_table.md").read_text()
+    n_cfg = len(list((ROOT / "bert_squad" / "configs" / "mini").glob("abl_*.yaml")))
+    text = (out / "ablations.md").read_text()
+    assert text.startswith("# Ablations\n\nNo ablation runs found")
+    assert (f"- mini bert_squad: no ablation result. 0 of the {n_cfg} configured ablations have a result; "
+            "no result for `abl_const_dropout` (not run);") in text
+
+
+def test_ablation_seeds_without_full_recipe_seeds_say_why_there_is_no_delta(tmp_path):
+    runs = tmp_path / "runs"
+    _write_run(runs, "bert_squad", "qat4", _metrics("bert_squad", "qat4", f1=55.0, seed=42), logs=False)
+    for k, v in enumerate([52.0, 53.0]):
+        _write_run(runs, "bert_squad", "abl_no_kd" + (f"_seed{k}" if k else ""), _metrics(
+            "bert_squad", "abl_no_kd", f1=v, seed=42 + k, **({"seed_repeat": k} if k else {})), logs=False)
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    row = {r["stage"]: r for r in _rows(out / "seeds.csv")}["abl_no_kd"]
+    assert row["delta"] == "" and row["shows_paper_effect"] == ("no Δ: the full recipe (`qat4`) has no run of an "
+                                                                "extra seed")

@@ -31,6 +31,11 @@ def test_run_state_done_only_with_metrics_and_same_config(tmp_path, monkeypatch)
     assert reproduce.run_state(cfg) == "done"
     changed = dict(cfg, train={**cfg["train"], "learning_rate": 1.0})
     assert reproduce.run_state(changed) == "other"
+    # a key added to the configs later with a null default, at any depth, leaves a finished run done
+    older = {**cfg, "dropout": {k: v for k, v in cfg["dropout"].items() if k != "step_at"}}
+    assert cfg["dropout"]["step_at"] is None
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    assert reproduce.run_state(cfg) == "done"
     monkeypatch.chdir(tmp_path)  # RUNS_DIR given relative this time: the same run dirs, the same config
     monkeypatch.setenv("RUNS_DIR", ".")
     assert reproduce.run_state(reproduce.resolved("bert_squad", "mini", "qat4")) == "done"
@@ -138,11 +143,12 @@ def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
                            "--results-dir", str(tmp_path / "res"), "--set", *sets]) == 0
     assert len(launched) == 4
     for argv in launched:
-        assert argv[3:] == ["train.seed=7", "train.log_every=3"] + (["train.eval_every=2"] if "qat4.yaml" in argv[1]
+        # unprefixed first, then the pipeline's, then the stage's: the more specific wins, whatever the order given
+        assert argv[3:] == ["train.log_every=3", "train.seed=7"] + (["train.eval_every=2"] if "qat4.yaml" in argv[1]
                                                                      else []), argv
     assert tables[0][-2:] == ["--out", str(tmp_path / "res")]
     # the finished run is judged with the overrides: the same --set skips it, another reruns it
-    cfg = reproduce.resolved("vit_imagenet", "mini", "fp", ["train.seed=7", "train.log_every=3"])
+    cfg = reproduce.resolved("vit_imagenet", "mini", "fp", ["train.log_every=3", "train.seed=7"])
     run = tmp_path / "mini" / "vit_imagenet" / "fp"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -185,6 +191,40 @@ def test_a_typo_under_train_stops_everything_up_front(tmp_path, monkeypatch, cap
     load = importlib.import_module(f"{pipeline}.train").load_stage_config
     with pytest.raises(ConfigError, match=f"{cfg} \\(or a file in its _base_ chain\\): unknown config key '{typo}'"):
         load(cfg)
+
+
+def test_a_stage_override_wins_over_its_pipeline_one_in_any_order():
+    """abl_pretrained_init's own model path must not be replaced by a pipeline-wide one given after it: the
+    ablation would then start from the fine-tuned model and measure nothing."""
+    own, wide = "wav2vec_librispeech/abl_pretrained_init:model_name_or_path=/ckpt/lv60", \
+        "wav2vec_librispeech:model_name_or_path=/ckpt/960h"
+    for given in ([own, wide], [wide, own]):
+        user = reproduce.overrides_for("wav2vec_librispeech", "abl_pretrained_init", given)
+        assert user == ["model_name_or_path=/ckpt/960h", "model_name_or_path=/ckpt/lv60"]
+        assert reproduce.resolved("wav2vec_librispeech", "paper", "abl_pretrained_init", user)[
+            "model_name_or_path"] == "/ckpt/lv60"
+        assert reproduce.overrides_for("wav2vec_librispeech", "qat4", given) == ["model_name_or_path=/ckpt/960h"]
+
+
+@pytest.mark.parametrize("pipeline,bad,message", [
+    ("bert_squad", "compression.w_bitz=8", "command line: unknown config key 'compression.w_bitz'; did you mean "
+                                           "compression.w_bits"),
+    ("wav2vec_librispeech", "compression.sparsity=5:4", "impossible N:M sparsity '5:4'"),
+    ("vit_imagenet", "dropout.schedule=linearr", "command line: 'dropout.schedule' must be one of constant, linear"),
+    ("bert_squad", "dropout.step_at=2", "'dropout.step_at' must be a fraction of training in [0, 1]"),
+])
+def test_compression_and_dropout_mistakes_stop_everything_up_front(tmp_path, monkeypatch, capsys, pipeline, bad,
+                                                                  message):
+    """The compression section is built into a Recipe only when its stage starts (after fp and sparse have
+    trained, at paper scale: hours), so its keys and values, and the dropout schedule, are checked at load."""
+    launched = []
+    monkeypatch.setattr(reproduce, "call_main", lambda module, argv, isolate: launched.append(argv) or 0)
+    # on the last stage of the chain: the check must not wait for the stages before it
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", pipeline, "--set",
+                           f"{pipeline}/abl_quant_first:{bad}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and not launched, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_unknown_pipeline_names_are_refused(capsys, monkeypatch, tmp_path):

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 from common.config import ConfigError, check_open_section, expand_paths, load_config, load_yaml_config  # noqa: E402
 from common.runs import RunError  # noqa: E402
+from common.stage import check_stage_config  # noqa: E402
 
 PIPELINE = "vit_imagenet"
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
@@ -47,6 +48,7 @@ def load_stage_config(path, overrides=None) -> dict:
     cfg = expand_paths(load_config(path, overrides), PIPELINE)
     # common.config leaves `train` open (the HF pipelines pass it to TrainingArguments); ours is a closed set
     check_open_section(cfg, overrides, "train", load_yaml_config(BASE_CONFIG)["train"])
+    check_stage_config(cfg, overrides)
     src = cfg.get("config_file", str(path))
     t = cfg["train"]
     for key in ("batch_size", "global_batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
