@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import ConfigError  # noqa: E402
+from common.config import OPEN_SECTIONS, ConfigError  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
@@ -75,13 +75,15 @@ def comparable(cfg: dict) -> dict:
     absolute)."""
     runs = str(cfg.get("runs_dir") or "").rstrip("/")
 
-    def norm(v):
-        if isinstance(v, dict):  # at any depth (dropout.step_at, added with a null default)
-            return {k: norm(x) for k, x in v.items() if x is not None}
+    def norm(v, drop_null=True):
+        # a null at any depth (dropout.step_at), but not in the open sections, where an absent key means the
+        # consumer's default (train.max_grad_norm 1.0, compression.sparsity 2:4), not null
+        if isinstance(v, dict):
+            return {k: norm(x, drop_null) for k, x in v.items() if x is not None or not drop_null}
         if runs and isinstance(v, str) and (v == runs or v.startswith(runs + "/")):
             return os.path.abspath(v)
         return v
-    return {k: norm(v) for k, v in cfg.items() if k not in VOLATILE and v is not None}
+    return {k: norm(v, k not in OPEN_SECTIONS) for k, v in cfg.items() if k not in VOLATILE and v is not None}
 
 
 def run_state(cfg: dict) -> str:

@@ -120,7 +120,7 @@ def train_record(kind: str, args, step_s: dict, peak_mib: dict, compile_s: float
             # "cpu" is the hardware field benchmarks/report.py prints: here it names the GPU
             "cpu": f"GPU {gpu_name} (host CPU {cpu_model()})", "device": gpu_name,
             **compile_info(), "compile_warmup_s": compile_s,
-            "int_matmul": f"{common.int_matmul.int_matmul_mode()} (CPU only: unused on the GPU)",
+            "int_matmul": f"{common.int_matmul.describe()} (CPU only: unused on the GPU)",
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "fp_attention": "model default (SDPA / timm fused); compressed variants: explicit quantized attention",
             "memory": ("torch.cuda.max_memory_allocated above the allocation before the variant was built"

@@ -213,7 +213,7 @@ def main(argv=None):
     res = {"model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
            "iters": args.iters, "threads": torch.get_num_threads(), "cpu": cpu_name(),
            "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
-           "compile": common.kernels.compile_mode(), "int_matmul": common.int_matmul.int_matmul_mode(),
+           "compile": common.kernels.compile_mode(), "int_matmul": common.int_matmul.describe(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "step_s": {n: round(v, 4) for n, v in med.items()},

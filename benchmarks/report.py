@@ -64,8 +64,10 @@ def render(recs: list[dict], source: str) -> str:
            "to 0.1 MiB run to run, where it varied by ±20 MiB before). On CPU every variant, FP included, trains "
            "with `common.use_fast_dropout`, as the pipelines do (rows from before 2026-12-01 10:00 UTC timed FP "
            "with ATen's slower dropout, which flattered the ratios). The compressed variants multiply their 4-bit "
-           "codes with an int8 matmul on CPU (`common.int_matmul`, exact int32 sums; 'integer matmul: auto'); rows "
-           "run with COMMON_INT_MATMUL=0 use the float32 matmul of the same operands, for comparison. Random-init "
+           "codes with an int8 matmul on CPU (`common.int_matmul`, exact int32 sums) where the CPU has an int8 "
+           "dot-product instruction ('integer matmul: auto (on: ...)'; rows from before 2026-12-02 say 'auto' and "
+           "ran on AVX512-VNNI); without one, and in rows run with COMMON_INT_MATMUL=0, they use the float32 "
+           "matmul of the same operands. Random-init "
            "models with the paper models' widths and fewer layers: the embeddings and heads, full precision in "
            "every variant, weigh more in them than in the full-depth models. CPU only: no GPU numbers below unless "
            "a row names a GPU.", "",

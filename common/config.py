@@ -120,6 +120,9 @@ def _value(raw: str):
 
 
 def parse_overrides(pairs: list[str]) -> dict:
+    """key=value pairs, applied in order, as one nested mapping. A mapping value merges into what earlier pairs set
+    (as _merge merges it into the file's section): `compression={w_bits: 8}` keeps an earlier
+    `compression.calib_batches=4`, and the reverse order too."""
     out: dict = {}
     for pair in pairs:
         if "=" not in pair:
@@ -127,11 +130,25 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, raw = pair.split("=", 1)
         node = out
         parts = key.strip().lstrip("-").split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124: keep N:M as text
-        node[parts[-1]] = _value(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: an earlier override sets '{'.'.join(parts[:i + 1])}' to {node!r}, "
+                                  f"so '{key.strip()}=...' has nothing to change")
+        value = _value(raw)  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124: keep N:M as text
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _update(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
     return out
+
+
+def _update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _update(dst[k], v)
+        else:
+            dst[k] = v
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:

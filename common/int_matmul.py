@@ -5,27 +5,58 @@ k_x * s_x (k_x an integer, its zero point folded in) and the weight k_w * s_w, s
 (k_x @ k_wᵀ) * s_x * s_w: an int8 matmul whose int32 sum is exact, then one multiply. It gives the float32 matmul
 of the fake-quantized operands up to float32's rounding, more exactly (one rounding, not one per addition).
 Why (issue 9): on CPU, oneDNN's int8 matmul (torch._int_mm) measured 4.4x faster than the float32 one at
-ViT-base shapes here (AMD EPYC, AVX512-VNNI); it is the training forward's largest cost. The backward is
-unchanged (float straight-through gradients from the saved float operands).
+ViT-base shapes on an AMD EPYC with AVX512-VNNI; it is the training forward's largest cost. Without an int8
+dot-product instruction it is the other way round: 21-27x *slower* than float32 at BERT-base shapes on an AMD EPYC
+with AVX2 only (2026-12-02, `python benchmarks/bench_int_matmul.py`), which made a W4A4 BERT step 9x the FP one.
+The backward is unchanged (float straight-through gradients from the saved float operands).
 
-COMMON_INT_MATMUL=auto (default): on CPU, for float32 inputs outside autocast, where the sums are exact (below);
-=0: never (the float32 matmul of the fake-quantized operands, as before). `set_int_matmul` does the same. Choice:
-CPU only, as it is the only place it was measured (a GPU's float matmul is another trade-off).
+COMMON_INT_MATMUL=auto (default): on a CPU with an int8 dot-product instruction (x86 AVX512-VNNI, AVX-VNNI or
+AMX-INT8: `has_int8_dot`), for float32 inputs outside autocast, where the sums are exact (below); =1: on every CPU
+(e.g. to measure it); =0: never (the float32 matmul of the fake-quantized operands). `set_int_matmul` does the
+same. Choice: CPU only, as it is the only place it was measured (a GPU's float matmul is another trade-off); of the
+dot-product instructions only AVX512-VNNI was measured, the others are assumed alike.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .kernels import mode_from_env, parse_mode
 
-_MODES = ("auto", "0")
+_MODES = ("auto", "1", "0")
 _mode = "auto"
+INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")  # torch.cpu.get_capabilities() names
 
 
 def set_int_matmul(mode: str | bool) -> None:
-    """'auto' / True or '0' / False: whether compressed linears use the integer matmul (module docstring)."""
+    """'auto', '1' / True or '0' / False: whether compressed linears use the integer matmul (module docstring)."""
     global _mode
-    _mode = parse_mode(mode, _MODES, "auto", "integer matmul")
+    _mode = parse_mode(mode, _MODES, "1", "integer matmul")
+
+
+@functools.cache
+def has_int8_dot() -> bool:
+    """Whether this CPU has an instruction that oneDNN's int8 matmul needs to be fast (INT8_DOT); False where
+    torch cannot tell (torch.cpu.get_capabilities is recent): the float32 matmul is the safe side."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return any(caps.get(k) for k in INT8_DOT)
+
+
+def active() -> bool:
+    """Whether the mode turns the integer matmul on for this CPU (`usable` adds the per-call conditions)."""
+    return _mode == "1" or (_mode == "auto" and has_int8_dot())
+
+
+def describe() -> str:
+    """The mode and what it means here, for benchmark records: e.g. 'auto (off: no int8 dot-product instruction)'."""
+    if _mode == "auto":
+        return f"auto ({'on' if has_int8_dot() else 'off'}: {'an' if has_int8_dot() else 'no'} int8 dot-product " \
+               "instruction)"
+    return _mode
 
 
 mode_from_env("COMMON_INT_MATMUL", set_int_matmul)
@@ -46,7 +77,7 @@ def exact(a_bits: int, w_bits: int, k: int) -> bool:
 
 def usable(x: torch.Tensor, a_bits: int, a_zero_preserving: bool, w_bits: int, w_zero_preserving: bool) -> bool:
     """Whether the integer matmul applies to input `x` of a layer quantized so (see the module docstring)."""
-    return (_mode == "auto" and a_zero_preserving and w_zero_preserving and x.device.type == "cpu"
+    return (active() and a_zero_preserving and w_zero_preserving and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and x.numel() > 0
             and exact(a_bits, w_bits, x.shape[-1]))
 

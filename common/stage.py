@@ -34,15 +34,21 @@ def check_stage_config(cfg: dict, overrides: list[str] | None) -> None:
     """The `compression` section (keys and values, as the stage will build its Recipe) and the dropout schedule,
     checked when the config is loaded: in reproduce.py's up-front check a typo there would otherwise surface only
     when its stage starts, after the stages before it have trained."""
+    src = cfg.get("config_file", "config")
+    for section in ("compression", "dropout"):
+        if cfg.get(section) is not None and not isinstance(cfg[section], dict):
+            raise ConfigError(f"{source_of(cfg, overrides, section)}: '{section}' must be a mapping (or null), got "
+                              f"{cfg[section]!r} (in {src})")
     if cfg.get("compression"):
         check_open_section(cfg, overrides, "compression", {f.name for f in dataclasses.fields(Recipe)},
                            "the fields of common.Recipe")
         try:
             Recipe.from_dict(cfg["compression"], source="compression")
-        except RecipeError as e:
+        except (RecipeError, TypeError, ValueError) as e:
             typed = any(source_of(cfg, overrides, f"compression.{k}") == "command line" for k in cfg["compression"])
             where = "command line (or the stage file)" if typed else source_of(cfg, overrides, "compression")
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{where}: {e}" if isinstance(e, RecipeError) else
+                              f"{where}: compression: a value of the wrong type ({e})") from None
     drop = cfg.get("dropout") or {}
     if "schedule" in drop and drop["schedule"] not in SCHEDULES:
         raise ConfigError(f"{source_of(cfg, overrides, 'dropout.schedule')}: 'dropout.schedule' must be one of "

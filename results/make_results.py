@@ -746,7 +746,7 @@ def seed_records(runs: list[Run]) -> list[dict]:
         full = groups.get((sc, pl, FULL_RECIPE))
         comparable = st.startswith(ABLATION_PREFIX) and full is not None and full[0].metric == rec["metric"]
         if st.startswith(ABLATION_PREFIX) and full is None:
-            rec["shows_paper_effect"] = f"no Δ: the full recipe (`{FULL_RECIPE}`) has no run of an extra seed"
+            rec["shows_paper_effect"] = f"no Δ: the full recipe (`{FULL_RECIPE}`) has fewer than two usable seeds"
         elif comparable and seed_ids(full) != seed_ids(group):
             # Means over different seeds differ by the seeds too (e.g. qat4's default seed unreadable: 43 44 vs
             # 42 43 44); rather than a Δ that looks like the others but is not, no Δ and the reason.
@@ -1068,10 +1068,11 @@ def write_readme(out: Path, template: str, fields: dict) -> None:
 
 
 def own_plot(name: str, scales: set, pipelines: set) -> bool:
-    """A per-run plot this script writes (plot_<kind>_<scale>_<pipeline>.png), for the known or found scales and
-    pipelines: the stale ones are deleted, a user's own plot_*.png in --out never is."""
-    m = re.fullmatch(r"plot_(?:training_curves|weight_histogram)_([A-Za-z0-9.-]+)_([A-Za-z0-9_.-]+)\.png", name)
-    return bool(m) and m[1] in scales and m[2] in pipelines
+    """A per-run plot this script writes (plot_<kind>_<scale>_<pipeline>.png) for a known or found scale and
+    pipeline: the stale ones are deleted, a user's own plot_*.png in --out never is (nor one of a pipeline of the
+    user's own that no longer has runs: it cannot be told apart)."""
+    return any(name == f"plot_{kind}_{s}_{p}.png" for kind in ("training_curves", "weight_histogram")
+               for s in scales for p in pipelines)
 
 
 # --------------------------------------------------------------------- main ---

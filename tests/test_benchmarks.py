@@ -63,11 +63,16 @@ def test_bench_runs_the_other_models(tmp_path, model):
     res = bench_train_step.main(["--model", model, "--layers", "1", "--batch", "1", "--seq", "24", "--iters", "1",
                                  "--warmup", "0", "--no-memory", "--json", str(jl)])
     assert set(res["step_s"]) == set(bench_train_step.VARIANTS) and all(v > 0 for v in res["step_s"].values())
-    assert res["compile"] == common_kernels_mode() and res["int_matmul"] in ("auto", "0")
+    assert res["compile"] == common_kernels_mode() and res["int_matmul"] == int_matmul_described()
     out = tmp_path / "b.md"
     report.main([str(jl), "--out", str(out)])
     heading = {"vit": "## vit: 1 layers, batch 1 x 224²", "wav2vec2": "## wav2vec2: 1 layers, batch 1 x 24 frames"}
     assert heading[model] in out.read_text()
+
+
+def int_matmul_described():
+    from common import int_matmul
+    return int_matmul.describe()
 
 
 def common_kernels_mode():

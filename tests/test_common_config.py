@@ -31,3 +31,17 @@ def test_what_cannot_be_kept_is_refused_with_the_way_out():
         split_global_batch(512, 48, None, 1, "cfg.yaml: train.global_batch_size")
     with pytest.raises(ConfigError, match="must be positive"):
         split_global_batch(32, 0, None, 1, "x")
+
+
+def test_overrides_merge_in_order_and_refuse_a_key_under_a_null():
+    """A whole-section override merges with dotted ones, in either order (as _merge merges it into the file's
+    section); a dotted key under a section an earlier override set to null is an error, not a TypeError."""
+    from common.config import parse_overrides
+    want = {"compression": {"w_bits": 8, "calib_batches": 4}}
+    assert parse_overrides(["compression={w_bits: 8}", "compression.calib_batches=4"]) == want
+    assert parse_overrides(["compression.calib_batches=4", "compression={w_bits: 8}"]) == want
+    assert parse_overrides(["compression.w_bits=4", "compression={w_bits: 8}"]) == {"compression": {"w_bits": 8}}
+    assert parse_overrides(["compression=null", "compression={w_bits: 8}"]) == {"compression": {"w_bits": 8}}
+    with pytest.raises(ConfigError, match="an earlier override sets 'compression' to None, so "
+                                          "'compression.w_bits=...' has nothing to change"):
+        parse_overrides(["compression=null", "compression.w_bits=8"])

@@ -60,7 +60,7 @@ def _fwd_bwd(layer, x, gy):
 def test_layer_forward_rounds_differently_backward_is_identical(mode, per_channel):
     layer = _layer(per_channel)
     x, gy = torch.randn(2, 7, 64) * 1.5, torch.randn(2, 7, 48)
-    mode("auto")
+    mode("1")
     y_int, *g_int = _fwd_bwd(layer, x, gy)
     mode(False)
     y_fp, *g_fp = _fwd_bwd(layer, x, gy)
@@ -75,7 +75,7 @@ def test_used_only_where_exact_and_asked(mode, monkeypatch):
     real = int_matmul.int_linear
     monkeypatch.setattr(int_matmul, "int_linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 64)
-    mode("auto")
+    mode("1")
     _layer()(x)
     assert len(calls) == 1
     _layer(zero_preserving=False)(x)  # the plain grid has no integer codes
@@ -90,7 +90,7 @@ def test_used_only_where_exact_and_asked(mode, monkeypatch):
 
 
 def test_prepared_and_converted_agree_in_both_modes(mode):
-    for m in ("auto", "0"):
+    for m in ("1", "0"):
         mode(m)
         model = common.prepare(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)),
                                common.Recipe(quantize_attention=False, skip=[]))
@@ -101,6 +101,28 @@ def test_prepared_and_converted_agree_in_both_modes(mode):
             a = model(x)
             b = common.convert(model)(x)
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("caps,on", [({"avx2": True}, False), ({"avx2": True, "avx512_vnni": True}, True),
+                                     ({"avx_vnni": True}, True), ({"amx_int8": True}, True)])
+def test_auto_uses_it_only_with_an_int8_dot_product_instruction(mode, monkeypatch, caps, on):
+    """Without VNNI/AMX, oneDNN's int8 matmul measured 21-27x slower than float32 (benchmarks/bench_int_matmul.py):
+    auto leaves it off there; 1 forces it, 0 never."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    int_matmul.has_int8_dot.cache_clear()
+    try:
+        calls = []
+        real = int_matmul.int_linear
+        monkeypatch.setattr(int_matmul, "int_linear", lambda *a: calls.append(1) or real(*a))
+        mode("auto")
+        _layer()(torch.randn(4, 64))
+        assert len(calls) == on and int_matmul.describe() == f"auto ({'on' if on else 'off'}: " \
+            f"{'an' if on else 'no'} int8 dot-product instruction)"
+        mode(True)
+        _layer()(torch.randn(4, 64))
+        assert len(calls) == on + 1 and int_matmul.describe() == "1"
+    finally:
+        int_matmul.has_int8_dot.cache_clear()
 
 
 def test_set_int_matmul_rejects_unknown_modes(mode):

@@ -36,6 +36,10 @@ def test_run_state_done_only_with_metrics_and_same_config(tmp_path, monkeypatch)
     assert cfg["dropout"]["step_at"] is None
     (run / "config.yaml").write_text(yaml.safe_dump(older))
     assert reproduce.run_state(cfg) == "done"
+    # but not in the open sections, where an absent key is the consumer's default: no clipping is not clip 1.0
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "max_grad_norm": None}}))
+    assert reproduce.run_state(cfg) == "other"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)  # RUNS_DIR given relative this time: the same run dirs, the same config
     monkeypatch.setenv("RUNS_DIR", ".")
     assert reproduce.run_state(reproduce.resolved("bert_squad", "mini", "qat4")) == "done"
@@ -212,6 +216,8 @@ def test_a_stage_override_wins_over_its_pipeline_one_in_any_order():
     ("wav2vec_librispeech", "compression.sparsity=5:4", "impossible N:M sparsity '5:4'"),
     ("vit_imagenet", "dropout.schedule=linearr", "command line: 'dropout.schedule' must be one of constant, linear"),
     ("bert_squad", "dropout.step_at=2", "'dropout.step_at' must be a fraction of training in [0, 1]"),
+    ("bert_squad", "compression=8", "command line: 'compression' must be a mapping (or null), got 8"),
+    ("vit_imagenet", "compression.calib_percentile=abc", "compression: a value of the wrong type"),
 ])
 def test_compression_and_dropout_mistakes_stop_everything_up_front(tmp_path, monkeypatch, capsys, pipeline, bad,
                                                                   message):
