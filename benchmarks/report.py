@@ -33,10 +33,13 @@ def load(path: Path, required=("step_s", "ratio_vs_fp"), what: str = "a benchmar
 
 
 def latest(recs: list[dict]) -> list[dict]:
-    """The newest record per (model, shape, hardware): reruns replace older numbers, other machines add rows."""
+    """The newest record per (model, shape, hardware, integer-matmul path): reruns replace older numbers, other
+    machines add rows. The path tells apart CPUs with and without an int8 dot-product instruction, whose names
+    can be the same ("AMD EPYC")."""
     keep = {}
     for r in recs:
-        keep[(r["model"], r["layers"], r["batch"], r["seq"], r.get("cpu"), json.dumps(r.get("env", {})))] = r
+        keep[(r["model"], r["layers"], r["batch"], r["seq"], r.get("cpu"), json.dumps(r.get("env", {})),
+              r.get("int_matmul"))] = r
     return sorted(keep.values(), key=lambda r: (r["model"], r["date"]))
 
 

@@ -31,13 +31,15 @@ def _dropout_sites(model: nn.Module):
 
 class ScheduledDropout:
     def __init__(self, model: nn.Module, total_steps: int, schedule: str = "linear", end_p: float = 0.0,
-                 start_p: float | None = None, step_at: float = 0.5):
+                 start_p: float | None = None, step_at: float | None = 0.5):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown dropout schedule {schedule!r}; allowed: {SCHEDULES}")
         self.sites = list(_dropout_sites(model))
         # start: each site's configured p (hidden and attention dropout may differ), unless start_p overrides it
         self.start = [getattr(m, a) if start_p is None else start_p for m, a in self.sites]
-        self.total, self.schedule, self.end_p, self.step_at = max(1, total_steps), schedule, end_p, step_at
+        # step_at None (a config's null): halfway
+        self.total, self.schedule, self.end_p = max(1, total_steps), schedule, end_p
+        self.step_at = 0.5 if step_at is None else float(step_at)
 
     def factor(self, step: int) -> float:
         """1 at the start, 0 at the end (how far from end_p towards the start value)."""

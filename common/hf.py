@@ -20,7 +20,7 @@ from .stage import check_stage_config
 
 class ScheduledDropoutCallback(TrainerCallback):
     def __init__(self, schedule: str = "linear", end_p: float = 0.0, start_p: float | None = None,
-                 step_at: float = 0.5):
+                 step_at: float | None = 0.5):
         self.kw = dict(schedule=schedule, end_p=end_p, start_p=start_p, step_at=step_at)
         self.sched = None
 
@@ -52,9 +52,8 @@ class InterruptCallback(TrainerCallback):
 def stage_callbacks(cfg: dict) -> list[TrainerCallback]:
     """The callbacks of every HF stage: the config's dropout schedule, and the test-only interruption."""
     drop = cfg.get("dropout") or {}
-    step_at = drop.get("step_at")
     callbacks = [ScheduledDropoutCallback(drop.get("schedule", "constant"), drop.get("end_p", 0.0),
-                                          step_at=0.5 if step_at is None else float(step_at))]
+                                          step_at=drop.get("step_at"))]
     if cfg.get("interrupt_at_step"):
         callbacks.append(InterruptCallback(int(cfg["interrupt_at_step"])))
     return callbacks

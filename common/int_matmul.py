@@ -7,7 +7,8 @@ of the fake-quantized operands up to float32's rounding, more exactly (one round
 Why (issue 9): on CPU, oneDNN's int8 matmul (torch._int_mm) measured 4.4x faster than the float32 one at
 ViT-base shapes on an AMD EPYC with AVX512-VNNI; it is the training forward's largest cost. Without an int8
 dot-product instruction it is the other way round: 21-27x *slower* than float32 at BERT-base shapes on an AMD EPYC
-with AVX2 only (2026-12-02, `python benchmarks/bench_int_matmul.py`), which made a W4A4 BERT step 9x the FP one.
+with AVX2 only (2026-12-02, `python benchmarks/bench_int_matmul.py`), which made a W4A4+2:4 BERT training step 7.5x
+the FP one (`COMMON_INT_MATMUL=1 python benchmarks/bench_train_step.py --model bert`; 0.97x with the float32 one).
 The backward is unchanged (float straight-through gradients from the saved float operands).
 
 COMMON_INT_MATMUL=auto (default): on a CPU with an int8 dot-product instruction (x86 AVX512-VNNI, AVX-VNNI or

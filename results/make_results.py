@@ -435,7 +435,8 @@ def stage_gaps(runs: list[Run], skipped: list[tuple[str, str]], refused: dict) -
     """(scale, pipeline, stage) -> Gap, for each stage a scale/pipeline with runs (any seed) should have but has
     no usable default-seed run of: the configured main stages and ablations, and any other stage whose own dir was
     skipped. Status: "not run" (no dir), "not finished: <why>" (its own dir has config.yaml but no metrics.json),
-    "unreadable: <why>" (its own dir was skipped otherwise), "not used: <why>" (several dirs claim it). A gap must show in the tables: a vanished row reads as 'nothing to see'."""
+    "unreadable: <why>" (its own dir was skipped otherwise), "not used: <why>" (several dirs claim it). A gap must
+    show in the tables: a vanished row reads as 'nothing to see'."""
     have = {(r.scale, r.pipeline, r.stage) for r in runs if not r.repeat}
     bad = dict(skipped)
     gaps = {}

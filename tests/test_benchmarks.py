@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_int_matmul  # noqa: E402
 import bench_train_step  # noqa: E402
 import report  # noqa: E402
 
@@ -31,6 +32,15 @@ def test_bench_measures_every_variant_and_report_renders(tmp_path):
     assert f"| {res['step_s']['w4a4_2:4']:.3f} | {res['ratio_vs_fp']['w4a4_2:4']:.3f} |" in md
     assert ("met" in md) or ("missed" in md)
     assert "memory environment: GLIBC_TUNABLES=" in md and f"integer matmul: {res['int_matmul']}" in md
+    # a CPU of the same name without an int8 dot-product instruction adds its rows; a rerun replaces its own
+    rec = json.loads(jl.read_text().splitlines()[-1])
+    other = {**rec, "int_matmul": "auto (off: no int8 dot-product instruction)" if rec["int_matmul"] == "1" else "1",
+             "date": "2999-01-01T00:00:00+00:00"}
+    jl.write_text(jl.read_text() + json.dumps(other) + "\n" + json.dumps({**other, "date": "2999-01-02T00:00:00+00:00"})
+                  + "\n")
+    report.main([str(jl), "--out", str(out)])
+    md = out.read_text()
+    assert md.count("## bert: 1 layers, batch 1 x seq 16") == 2 and "2999-01-02" in md and "2999-01-01" not in md
 
 
 def test_every_variant_trains_as_the_pipelines_do_on_cpu():
@@ -78,3 +88,13 @@ def int_matmul_described():
 def common_kernels_mode():
     from common import kernels
     return kernels.compile_mode()
+
+
+def test_int_matmul_bench_prints_the_ratio_and_what_auto_chose(capsys):
+    """A real (tiny) measurement: both products of the same operands timed, the CPU's choice named."""
+    from common import int_matmul
+    rows = bench_int_matmul.main(["--tokens", "4", "--iters", "1", "--scale", "64"])
+    assert [r["shape"] for r in rows] == ["4x12 @ 12x12", "4x12 @ 12x48", "4x48 @ 48x12"]
+    assert all(r["int8_ms"] > 0 and r["float32_ms"] > 0 and r["int8_over_float32"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert f"COMMON_INT_MATMUL={int_matmul.describe()}" in out and out.count("int8 / float32 = ") == 3

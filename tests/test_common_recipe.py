@@ -59,6 +59,9 @@ def test_unquoted_no_strategy_from_yaml(tmp_path):
 @pytest.mark.parametrize("step_at,expected", [(None, 0.5), (0.25, 0.25)])
 def test_dropout_step_at_reaches_the_hf_schedule(step_at, expected):
     """dropout.step_at (null: halfway) is passed to the HF pipelines' ScheduledDropout, as ViT's train.py does."""
+    import torch
+    from common.dropout import ScheduledDropout
     from common.hf import ScheduledDropoutCallback, stage_callbacks
     cb = stage_callbacks({"dropout": {"schedule": "step", "end_p": 0.0, "step_at": step_at}})[0]
-    assert isinstance(cb, ScheduledDropoutCallback) and cb.kw["step_at"] == expected and cb.kw["schedule"] == "step"
+    assert isinstance(cb, ScheduledDropoutCallback) and cb.kw["step_at"] == step_at and cb.kw["schedule"] == "step"
+    assert ScheduledDropout(torch.nn.Dropout(0.1), 100, **cb.kw).step_at == expected

@@ -242,7 +242,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     scaler = torch.amp.GradScaler("cuda") if (t.get("amp") == "fp16" and d.device.type == "cuda") else None
     drop = cfg.get("dropout") or {}
     sdrop = ScheduledDropout(raw_model, total, drop.get("schedule", "constant"), float(drop.get("end_p", 0.0)),
-                             step_at=0.5 if drop.get("step_at") is None else float(drop["step_at"]))
+                             step_at=drop.get("step_at"))
     say(f"world {plan['world']} x batch {plan['batch_size']} x accumulation {plan['accum']} = global batch "
         f"{plan['global_batch']}; {n_train} training images, {plan['steps_per_epoch']} steps/epoch, {total} steps "
         f"({total / max(1, plan['steps_per_epoch']):.2f} epochs), warm-up {warm}; {t['optimizer']} lr {t['lr']} "
