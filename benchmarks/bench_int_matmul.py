@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--scale", type=int, default=1, help="divide the shapes' widths by this (tests: tiny shapes)")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     print(f"CPU {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; int8 dot-product "
-          f"instructions: {', '.join(k for k in int_matmul.INT8_DOT if caps.get(k)) or 'none'}; "
+          f"instructions: {', '.join(int_matmul.int8_dot_instructions()) or 'none'}; "
           f"COMMON_INT_MATMUL={int_matmul.describe()}")
     rows = []
     for k, n in SHAPES:

@@ -137,18 +137,9 @@ def parse_overrides(pairs: list[str]) -> dict:
                                   f"so '{key.strip()}=...' has nothing to change")
         value = _value(raw)  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124: keep N:M as text
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            _update(node[parts[-1]], value)
-        else:
-            node[parts[-1]] = value
+            value = _merge(node[parts[-1]], value, "command line", strict=False)
+        node[parts[-1]] = value
     return out
-
-
-def _update(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _update(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:

@@ -36,15 +36,20 @@ def set_int_matmul(mode: str | bool) -> None:
     _mode = parse_mode(mode, _MODES, "1", "integer matmul")
 
 
-@functools.cache
-def has_int8_dot() -> bool:
-    """Whether this CPU has an instruction that oneDNN's int8 matmul needs to be fast (INT8_DOT); False where
-    torch cannot tell (torch.cpu.get_capabilities is recent): the float32 matmul is the safe side."""
+def int8_dot_instructions() -> tuple[str, ...]:
+    """The INT8_DOT instructions this CPU has; none where torch cannot tell (torch.cpu.get_capabilities is recent)."""
     try:
         caps = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):
-        return False
-    return any(caps.get(k) for k in INT8_DOT)
+        return ()
+    return tuple(k for k in INT8_DOT if caps.get(k))
+
+
+@functools.cache
+def has_int8_dot() -> bool:
+    """Whether this CPU has an instruction that oneDNN's int8 matmul needs to be fast (INT8_DOT); False where
+    torch cannot tell: the float32 matmul is the safe side."""
+    return bool(int8_dot_instructions())
 
 
 def active() -> bool:
