@@ -19,8 +19,6 @@ dot-product instructions only AVX512-VNNI was measured, the others are assumed a
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .kernels import mode_from_env, parse_mode
@@ -45,11 +43,19 @@ def int8_dot_instructions() -> tuple[str, ...]:
     return tuple(k for k in INT8_DOT if caps.get(k))
 
 
-@functools.cache
 def has_int8_dot() -> bool:
     """Whether this CPU has an instruction that oneDNN's int8 matmul needs to be fast (INT8_DOT); False where
     torch cannot tell: the float32 matmul is the safe side."""
-    return bool(int8_dot_instructions())
+    global _int8_dot
+    if _int8_dot is None:
+        _int8_dot = bool(int8_dot_instructions())
+    return _int8_dot
+
+
+# read at import into a plain global, not a cache: torch.compile reads a global as a constant, where it would trace
+# into get_capabilities (whose result it cannot put in a graph) from inside a compiled model's first call
+_int8_dot: bool | None = None
+has_int8_dot()
 
 
 def active() -> bool:

@@ -104,9 +104,13 @@ class _Flat:
     pointwise ops do. A tensor that is not a permuted dense block is made contiguous first."""
 
     def __init__(self, t: torch.Tensor):
-        order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), -t.size(i)))
-        if not t.permute(order).is_contiguous():
-            order = list(range(t.dim()))
+        order = list(range(t.dim()))
+        # inside a user's torch.compile the kernels' eager bodies are traced, on any layout, and dynamo cannot sort
+        # symbolic strides: a plain flattening there
+        if not torch.compiler.is_compiling():
+            by_stride = sorted(order, key=lambda i: (-t.stride(i), -t.size(i)))
+            if t.permute(by_stride).is_contiguous():
+                order = by_stride
         self.order = order
         self.shape = [t.shape[i] for i in order]
         self.inverse = sorted(range(t.dim()), key=order.__getitem__)
@@ -154,12 +158,15 @@ def _mul_(g, m):
     g.mul_(m)
 
 
-def _abs_moments(w, dim: int | None):
-    """(sum w^2, sum |w|, max |w|) in one pass (SAWB's statistics), over `dim` (kept) or the whole tensor."""
+def _abs_moments(w, per_row: bool):
+    """(sum w^2, sum |w|, max |w|) of a 2-D w in one pass (SAWB's statistics), per row (kept) or over the whole
+    tensor. The whole-tensor sums go row by row, then over the rows: inductor sums rows of at most 4096 values
+    without the cascade summation it uses for longer reductions, measured 2x faster on BERT/ViT-base weights
+    (0.49 against 1.02 ms on 3072x768, AVX2) and at least as accurate (short sums, then their sum)."""
     a = w.abs()
-    if dim is None:
-        return (a * a).sum(), a.sum(), a.amax()
-    return (a * a).sum(dim, keepdim=True), a.sum(dim, keepdim=True), a.amax(dim, keepdim=True)
+    if not per_row:
+        return (a * a).sum(1).sum(), a.sum(1).sum(), a.amax()
+    return (a * a).sum(1, keepdim=True), a.sum(1, keepdim=True), a.amax(1, keepdim=True)
 
 
 _fake_quant_k = _Kernel(_fake_quant)
@@ -206,18 +213,19 @@ def mask_(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def ste_backward(g, x, lo, hi, xq=None, signed=True):
-    """See `_ste_backward`; returns (gx, g_lo or None if not `signed`, g_hi, residual sum or None)."""
+def ste_backward(g, x, lo, hi, xq=None, want_lo=True):
+    """See `_ste_backward`; returns (gx, g_lo or None if not `want_lo`, g_hi, residual sum or None)."""
     f = _Flat(x)
     gx, g_lo, g_hi, r = _ste_backward_k(f(g), f(x), lo.reshape(()), hi.reshape(()), None if xq is None else f(xq))
-    return f.back(gx), g_lo if signed else None, g_hi, r
+    return f.back(gx), g_lo if want_lo else None, g_hi, r
 
 
 def abs_moments(w: torch.Tensor, per_row: bool = False):
-    """See `_abs_moments`: over the whole tensor (a flat view), or per row of a 2-D tensor."""
+    """See `_abs_moments`: over the whole tensor (its rows in memory order), or per row of a 2-D tensor."""
     if not per_row:
-        return _abs_moments_k(_Flat(w)(w), None)
-    return _abs_moments_k(w.contiguous(), 1)
+        f = _Flat(w)
+        return _abs_moments_k(f(w).view(-1, f.shape[-1] if f.shape else 1), False)
+    return _abs_moments_k(w.contiguous(), True)
 
 
 def warm_up(device=None) -> None:
@@ -229,5 +237,5 @@ def warm_up(device=None) -> None:
     fake_quant_codes(x, one, one, -7 * one, 7 * one)
     quant_codes(x, one, -7 * one, 7 * one)
     ste_backward(x, x, -one, one)
-    abs_moments(x)
+    abs_moments(x.view(256, -1))  # rows as weights have them: the graph for rows of at most 4096 values
     mask_(x, x > 0)

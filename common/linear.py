@@ -103,7 +103,7 @@ class CompressedLinearFn(torch.autograd.Function):
                 wq = dequantize_weight(wq, step, zero_preserving)
             gxq = gy.matmul(wq.to(gy.dtype))
             if aspec is not None:
-                gx, g_lo, g_hi = _act_backward(gxq, x, xq, lo_eff, hi_eff, aspec[2], aspec[3])
+                gx, g_lo, g_hi = _act_backward(gxq, x, xq, lo_eff, hi_eff, ctx.needs_input_grad[4], aspec[2])
             else:
                 gx = gxq
         return gx, gw, gb, None, g_lo, g_hi, None, None
@@ -164,7 +164,7 @@ class CompressedLinear(nn.Linear):
         if aq is not None and aq.observing:
             aq.observe(x)
             aq = None
-        aspec = None if aq is None else (aq.bits, aq.zero_preserving, bool(aq.signed), aq.method == "pact+")
+        aspec = None if aq is None else (aq.bits, aq.zero_preserving, aq.method == "pact+")
         # the Function sees rows and returns a tensor of its own, reshaped here: a view made inside an autograd
         # Function may not be modified in place afterwards (timm's `qkv += bias`, ReLU(inplace=True))
         y = CompressedLinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.mask,

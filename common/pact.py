@@ -28,13 +28,16 @@ def _act_forward_codes(x, lo, hi, bits, values=True):
     return xq, lo_eff, hi_eff, codes, scale
 
 
-def _act_backward(g, x, xq, lo_eff, hi_eff, signed, plus):
-    """Gradients w.r.t. (x, lo, hi) of the STE. Shared by the standalone and the fused linear Functions."""
-    gx, g_lo, g_hi, r = kernels.ste_backward(g, x, lo_eff, hi_eff, xq if plus else None, signed)
+def _act_backward(g, x, xq, lo_eff, hi_eff, want_lo, plus):
+    """Gradients w.r.t. (x, lo, hi) of the STE, lo's only if `want_lo`. Shared by the standalone and the fused
+    linear Functions, which ask for lo's exactly when it requires one: a one-sided quantizer's lo is fixed at 0 and
+    not trained (`_sync_lo_trainable`), so the forward need not read the `signed` buffer, a tensor-to-bool read
+    that would split a torch.compile'd model's graph at every quantizer."""
+    gx, g_lo, g_hi, r = kernels.ste_backward(g, x, lo_eff, hi_eff, xq if plus else None, want_lo)
     if plus:  # rounding residual (xq - x)/(hi - lo): d xq / d hi inside the range (LSQ-like), minus that for lo
         r = r / (hi_eff - lo_eff)
         g_hi = g_hi + r
-        if signed:
+        if want_lo:
             g_lo = g_lo - r
     # in the clips' own shape (one element): autograd does not reduce a 0-dim sum to it
     return gx, None if g_lo is None else g_lo.reshape(lo_eff.shape), g_hi.reshape(hi_eff.shape)
@@ -42,17 +45,17 @@ def _act_backward(g, x, xq, lo_eff, hi_eff, signed, plus):
 
 class ActFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lo, hi, bits, zero_preserving, signed, plus):
+    def forward(ctx, x, lo, hi, bits, zero_preserving, plus):
         xq, lo_eff, hi_eff = _act_forward(x, lo, hi, bits, zero_preserving)
         ctx.save_for_backward(x, xq if plus else None, lo_eff, hi_eff)
-        ctx.cfg = (signed, plus)
+        ctx.plus = plus
         return xq
 
     @staticmethod
     def backward(ctx, g):
         x, xq, lo_eff, hi_eff = ctx.saved_tensors
-        gx, g_lo, g_hi = _act_backward(g, x, xq, lo_eff, hi_eff, *ctx.cfg)
-        return gx, g_lo, g_hi, None, None, None, None
+        gx, g_lo, g_hi = _act_backward(g, x, xq, lo_eff, hi_eff, ctx.needs_input_grad[1], ctx.plus)
+        return gx, g_lo, g_hi, None, None, None
 
 
 class ActQuantizer(nn.Module):
@@ -141,8 +144,7 @@ class ActQuantizer(nn.Module):
         if self.observing:  # the calibration percentile while calibrating, else False
             self.observe(x)
             return x
-        return ActFakeQuant.apply(x, self.lo, self.hi, self.bits, self.zero_preserving, bool(self.signed),
-                                  self.method == "pact+")
+        return ActFakeQuant.apply(x, self.lo, self.hi, self.bits, self.zero_preserving, self.method == "pact+")
 
     def freeze(self) -> None:
         """Turn the clips into buffers (for `convert`): same values, no longer trainable."""

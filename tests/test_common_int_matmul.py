@@ -109,20 +109,17 @@ def test_auto_uses_it_only_with_an_int8_dot_product_instruction(mode, monkeypatc
     """Without VNNI/AMX, oneDNN's int8 matmul measured 21-27x slower than float32 (benchmarks/bench_int_matmul.py):
     auto leaves it off there; 1 forces it, 0 never."""
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    int_matmul.has_int8_dot.cache_clear()
-    try:
-        calls = []
-        real = int_matmul.int_linear
-        monkeypatch.setattr(int_matmul, "int_linear", lambda *a: calls.append(1) or real(*a))
-        mode("auto")
-        _layer()(torch.randn(4, 64))
-        assert len(calls) == on and int_matmul.describe() == f"auto ({'on' if on else 'off'}: " \
-            f"{'an' if on else 'no'} int8 dot-product instruction)"
-        mode(True)
-        _layer()(torch.randn(4, 64))
-        assert len(calls) == on + 1 and int_matmul.describe() == "1"
-    finally:
-        int_matmul.has_int8_dot.cache_clear()
+    monkeypatch.setattr(int_matmul, "_int8_dot", None)  # read again from the capabilities above; restored after
+    calls = []
+    real = int_matmul.int_linear
+    monkeypatch.setattr(int_matmul, "int_linear", lambda *a: calls.append(1) or real(*a))
+    mode("auto")
+    _layer()(torch.randn(4, 64))
+    assert len(calls) == on and int_matmul.describe() == f"auto ({'on' if on else 'off'}: " \
+        f"{'an' if on else 'no'} int8 dot-product instruction)"
+    mode(True)
+    _layer()(torch.randn(4, 64))
+    assert len(calls) == on + 1 and int_matmul.describe() == "1"
 
 
 def test_set_int_matmul_rejects_unknown_modes(mode):

@@ -86,12 +86,12 @@ def test_plain_act_grid_moves_zero():
 
 
 def test_pact_gradients_by_hand():
-    # one-sided PACT on [0, 2]: x inside gets g, x > 2 passes its g to alpha, x < 0 gets nothing
+    # one-sided PACT on [0, 2]: x inside gets g, x > 2 passes its g to alpha, x < 0 gets nothing; lo is fixed
     x = torch.tensor([-1.0, 0.5, 1.0, 3.0, 4.0], requires_grad=True)
-    lo = torch.tensor(0.0, requires_grad=True)
+    lo = torch.tensor(0.0)
     hi = torch.tensor(2.0, requires_grad=True)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    y = ActFakeQuant.apply(x, lo, hi, 4, True, False, False)
+    y = ActFakeQuant.apply(x, lo, hi, 4, True, False)
     y.backward(g)
     assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 0.0, 0.0]))
     assert hi.grad.item() == 9.0
@@ -100,7 +100,7 @@ def test_pact_gradients_by_hand():
     x2 = torch.tensor([-3.0, -0.5, 0.5, 3.0], requires_grad=True)
     lo2 = torch.tensor(-1.0, requires_grad=True)
     hi2 = torch.tensor(2.0, requires_grad=True)
-    ActFakeQuant.apply(x2, lo2, hi2, 4, True, True, False).backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    ActFakeQuant.apply(x2, lo2, hi2, 4, True, False).backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert torch.equal(x2.grad, torch.tensor([0.0, 2.0, 3.0, 0.0]))
     assert lo2.grad.item() == 1.0 and hi2.grad.item() == 4.0
 
