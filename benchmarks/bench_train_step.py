@@ -191,6 +191,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", type=str, default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory children")
+    ap.add_argument("--compile-model", action="store_true",
+                    help="torch.compile every variant's model, FP included (the KD teacher stays eager); implies "
+                         "--no-memory, as the compiler's own memory would count in the peak")
     ap.add_argument("--memory-child", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -201,6 +204,8 @@ def main(argv=None):
     models, distillers = {}, {}
     for name in VARIANTS:
         models[name], distillers[name] = build_variant(args, name, base, batch)
+        if args.compile_model:  # compiled in the first warm-up step
+            models[name] = torch.compile(models[name])
     times = {n: [] for n in models}
     for it in range(args.warmup + args.iters):  # interleaved: each round times every variant once
         for n, m in models.items():
@@ -216,9 +221,10 @@ def main(argv=None):
            "compile": common.kernels.compile_mode(), "int_matmul": common.int_matmul.describe(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+           **({"model_compiled": True} if args.compile_model else {}),
            "step_s": {n: round(v, 4) for n, v in med.items()},
            "ratio_vs_fp": {n: round(v / med["fp"], 3) for n, v in med.items()}}
-    if args.memory:
+    if args.memory and not args.compile_model:
         peaks = measure_memory(args)
         res["memory_env"] = memory_env()
         res["peak_mib"] = peaks

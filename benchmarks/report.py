@@ -33,13 +33,13 @@ def load(path: Path, required=("step_s", "ratio_vs_fp"), what: str = "a benchmar
 
 
 def latest(recs: list[dict]) -> list[dict]:
-    """The newest record per (model, shape, hardware, integer-matmul path): reruns replace older numbers, other
-    machines add rows. The path tells apart CPUs with and without an int8 dot-product instruction, whose names
-    can be the same ("AMD EPYC")."""
+    """The newest record per (model, shape, hardware, integer-matmul path, whole model compiled or not): reruns
+    replace older numbers, other machines and modes add rows. The path tells apart CPUs with and without an int8
+    dot-product instruction, whose names can be the same ("AMD EPYC")."""
     keep = {}
     for r in recs:
         keep[(r["model"], r["layers"], r["batch"], r["seq"], r.get("cpu"), json.dumps(r.get("env", {})),
-              r.get("int_matmul"))] = r
+              r.get("int_matmul"), r.get("model_compiled", False))] = r
     return sorted(keep.values(), key=lambda r: (r["model"], r["date"]))
 
 
@@ -70,7 +70,9 @@ def render(recs: list[dict], source: str) -> str:
            "codes with an int8 matmul on CPU (`common.int_matmul`, exact int32 sums) where the CPU has an int8 "
            "dot-product instruction ('integer matmul: auto (on: ...)'; rows from before 2026-12-02 say 'auto' and "
            "ran on AVX512-VNNI); without one, and in rows run with COMMON_INT_MATMUL=0, they use the float32 "
-           "matmul of the same operands. Random-init "
+           "matmul of the same operands. Sections headed \"torch.compile'd models\" ran with "
+           "`--compile-model`: every variant's model compiled whole by torch.compile (the KD teacher eager), "
+           "timed after the compiling warm-up step, no peak memory (the compiler's own would count). Random-init "
            "models with the paper models' widths and fewer layers: the embeddings and heads, full precision in "
            "every variant, weigh more in them than in the full-depth models. CPU only: no GPU numbers below unless "
            "a row names a GPU.", "",
@@ -80,7 +82,9 @@ def render(recs: list[dict], source: str) -> str:
         shape = {"bert": f"batch {r['batch']} x seq {r['seq']}", "vit": f"batch {r['batch']} x 224²",
                  "wav2vec2": f"batch {r['batch']} x {r['seq']} frames ({r['seq'] * 0.02:.1f} s of audio)"}[r["model"]]
         env = env_text(r.get("env", {})) or "defaults"
-        out += [f"## {r['model']}: {r['layers']} layers, {shape}" + (f" ({env})" if r.get("env") else ""), "",
+        mode = ", ".join(([env] if r.get("env") else []) +
+                         (["torch.compile'd models"] if r.get("model_compiled") else []))
+        out += [f"## {r['model']}: {r['layers']} layers, {shape}" + (f" ({mode})" if mode else ""), "",
                 f"Hardware: {r.get('cpu', '?')} · date: {r['date']} · {r.get('iters', '?')} timed iterations · "
                 f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · integer matmul: "
                 f"{r.get('int_matmul', 'off (before common.int_matmul)')} · environment: {env}"

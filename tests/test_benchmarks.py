@@ -41,6 +41,24 @@ def test_bench_measures_every_variant_and_report_renders(tmp_path):
     report.main([str(jl), "--out", str(out)])
     md = out.read_text()
     assert md.count("## bert: 1 layers, batch 1 x seq 16") == 2 and "2999-01-02" in md and "2999-01-01" not in md
+    # a run with the models compiled is a mode of its own, named in its heading
+    jl.write_text(jl.read_text() + json.dumps({**rec, "model_compiled": True}) + "\n")
+    report.main([str(jl), "--out", str(out)])
+    md = out.read_text()
+    assert md.count("## bert: 1 layers, batch 1 x seq 16") == 3 and "seq 16 (torch.compile'd models)" in md
+
+
+def test_bench_compiles_every_variant_when_asked(tmp_path, monkeypatch, eager_quantizers):
+    """--compile-model: every variant's model goes through torch.compile (here a stand-in that records it), the
+    record says so, and no peak memory is measured (the compiler's memory would count). The quantizer kernels stay
+    eager: compiled through the stand-in, they would keep it for the rest of the session."""
+    import torch
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    res = bench_train_step.main(["--model", "bert", "--layers", "1", "--batch", "1", "--seq", "16", "--iters", "1",
+                                 "--warmup", "0", "--compile-model"])
+    assert len(compiled) == len(bench_train_step.VARIANTS) and len({id(m) for m in compiled}) == len(compiled)
+    assert res["model_compiled"] is True and "peak_mib" not in res
 
 
 def test_every_variant_trains_as_the_pipelines_do_on_cpu():
