@@ -261,10 +261,16 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: float, status: str,
-                isolate: bool, repeat: int = 0, nproc: int = 1) -> None:
+                isolate: bool, repeat: int = 0, nproc: int = 1, output_dir: str | None = None) -> None:
     """RUNS_DIR/<scale>/reproduce_times.json: the wall time of each stage's last run through this script (train,
-    evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs."""
+    evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs.
+    The hardware is the one the run's metrics.json names (a stage may set its own thread count), else this
+    process's."""
     from common.runs import hardware
+    try:
+        hw = json.loads((Path(output_dir) / "metrics.json").read_text())["hardware"] if output_dir else None
+    except (OSError, ValueError, KeyError, TypeError):
+        hw = None
     path = Path(runs_dir) / scale / "reproduce_times.json"
     try:
         times = json.loads(path.read_text())
@@ -272,7 +278,7 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
         times = {}
     times[f"{pipeline}/{stage}{seed_suffix(repeat)}"] = {
         "pipeline": pipeline, "stage": stage, "main_row": stage in MAIN and not repeat, "seconds": round(seconds, 1),
-        "status": status, "hardware": hardware(nproc), "in_process": not isolate,
+        "status": status, "hardware": hw if isinstance(hw, str) else hardware(nproc), "in_process": not isolate,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), **({"seed_repeat": repeat} if repeat else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times, indent=1) + "\n")
@@ -397,7 +403,8 @@ def main(argv=None) -> int:
             secs = time.time() - t0
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[reproduce] {name}: {status} in {secs / 60:.1f} min", flush=True)
-            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k, a.nproc)
+            record_time(a.runs_dir, a.scale, p, stage, secs, status, isolate or a.nproc > 1, k, a.nproc,
+                        cfg["output_dir"] if rc == 0 else None)
     rc = subprocess.call([sys.executable, str(ROOT / "results" / "make_results.py"), a.runs_dir,
                           "--out", a.results_dir])
     # make_results refuses (and leaves results/ as it was) when it finds no run, e.g. when every stage failed

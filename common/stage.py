@@ -53,11 +53,12 @@ def check_stage_config(cfg: dict, overrides: list[str] | None) -> None:
     if "schedule" in drop and drop["schedule"] not in SCHEDULES:
         raise ConfigError(f"{source_of(cfg, overrides, 'dropout.schedule')}: 'dropout.schedule' must be one of "
                           f"{', '.join(SCHEDULES)}, got {drop['schedule']!r}")
-    step_at = drop.get("step_at")
-    if step_at is not None and (isinstance(step_at, bool) or not isinstance(step_at, (int, float))
-                                or not 0 <= step_at <= 1):
-        raise ConfigError(f"{source_of(cfg, overrides, 'dropout.step_at')}: 'dropout.step_at' must be a fraction "
-                          f"of training in [0, 1] or null, got {step_at!r}")
+    for key, what in (("p", "a probability in [0, 1]"), ("end_p", "a probability in [0, 1]"),
+                      ("step_at", "a fraction of training in [0, 1] or null")):
+        v = drop.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            raise ConfigError(f"{source_of(cfg, overrides, f'dropout.{key}')}: 'dropout.{key}' must be {what}, "
+                              f"got {v!r}")
 
 
 def _existing_dir(cfg: dict, key: str, value) -> Path:

@@ -8,6 +8,7 @@ import yaml
 
 import reproduce
 from common.config import ConfigError
+from common.runs import hardware
 
 
 def test_stage_lists():
@@ -216,6 +217,8 @@ def test_a_stage_override_wins_over_its_pipeline_one_in_any_order():
     ("wav2vec_librispeech", "compression.sparsity=5:4", "impossible N:M sparsity '5:4'"),
     ("vit_imagenet", "dropout.schedule=linearr", "command line: 'dropout.schedule' must be one of constant, linear"),
     ("bert_squad", "dropout.step_at=2", "'dropout.step_at' must be a fraction of training in [0, 1]"),
+    ("wav2vec_librispeech", "dropout.p=1.5", "command line: 'dropout.p' must be a probability in [0, 1], got 1.5"),
+    ("vit_imagenet", "dropout.end_p=high", "'dropout.end_p' must be a probability in [0, 1], got 'high'"),
     ("bert_squad", "compression=8", "command line: 'compression' must be a mapping (or null), got 8"),
     ("vit_imagenet", "compression.calib_percentile=abc", "compression: a value of the wrong type"),
 ])
@@ -267,6 +270,10 @@ def test_main_records_stage_times_and_failures(tmp_path, monkeypatch):
 
     def fake_call_main(module, argv, isolate):
         calls.append(module)
+        if argv[1].endswith("fp.yaml"):  # a run that names its hardware: one thread, set by the stage
+            run = tmp_path / "mini" / "bert_squad" / "fp"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"hardware": "CPU X (x86_64), 2 cores, 1 threads"}))
         return 1 if "qat4.yaml" in argv[1] else 0
     monkeypatch.setattr(reproduce, "call_main", fake_call_main)
     monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: tables.append(cmd) or 0)
@@ -278,6 +285,9 @@ def test_main_records_stage_times_and_failures(tmp_path, monkeypatch):
     assert sorted(times) == sorted(f"bert_squad/{s}" for s in reproduce.MAIN)
     assert times["bert_squad/qat4"]["status"] == "FAILED (exit 1)" and times["bert_squad/fp"]["status"] == "ok"
     assert all(t["main_row"] and t["in_process"] for t in times.values())
+    # the hardware of the run itself where its metrics.json names it, else this process's
+    assert times["bert_squad/fp"]["hardware"] == "CPU X (x86_64), 2 cores, 1 threads"
+    assert times["bert_squad/sparse"]["hardware"] == hardware(1)
     assert tables and str(tmp_path) in tables[0]
 
 
