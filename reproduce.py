@@ -264,8 +264,8 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
                 isolate: bool, repeat: int = 0, nproc: int = 1, output_dir: str | None = None) -> None:
     """RUNS_DIR/<scale>/reproduce_times.json: the wall time of each stage's last run through this script (train,
     evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs.
-    The hardware is the one the run's metrics.json names (a stage may set its own thread count), else this
-    process's."""
+    The hardware is the one the run's metrics.json names (a stage may set its own thread count; the export after
+    it runs in this process), else this process's."""
     from common.runs import hardware
     try:
         hw = json.loads((Path(output_dir) / "metrics.json").read_text())["hardware"] if output_dir else None

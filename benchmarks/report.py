@@ -86,7 +86,8 @@ def render(recs: list[dict], source: str) -> str:
                          (["torch.compile'd models"] if r.get("model_compiled") else []))
         out += [f"## {r['model']}: {r['layers']} layers, {shape}" + (f" ({mode})" if mode else ""), "",
                 f"Hardware: {r.get('cpu', '?')} · date: {r['date']} · {r.get('iters', '?')} timed iterations · "
-                f"quantizer kernels: {r.get('compile', 'eager (before common.kernels)')} · integer matmul: "
+                "quantizer kernels: " + ("traced into the compiled model" if r.get("model_compiled") else
+                                         r.get('compile', 'eager (before common.kernels)')) + " · integer matmul: "
                 f"{r.get('int_matmul', 'off (before common.int_matmul)')} · environment: {env}"
                 + (f" · memory environment: {env_text(r['memory_env'])}" if r.get("memory_env") else ""), "",
                 f"Command: `{r.get('command', '?')}`", ""]

@@ -53,10 +53,14 @@ def check_stage_config(cfg: dict, overrides: list[str] | None) -> None:
     if "schedule" in drop and drop["schedule"] not in SCHEDULES:
         raise ConfigError(f"{source_of(cfg, overrides, 'dropout.schedule')}: 'dropout.schedule' must be one of "
                           f"{', '.join(SCHEDULES)}, got {drop['schedule']!r}")
-    for key, what in (("p", "a probability in [0, 1]"), ("end_p", "a probability in [0, 1]"),
-                      ("step_at", "a fraction of training in [0, 1] or null")):
+    # p null keeps the model's own rates; end_p has no such meaning (the schedules compute with it)
+    for key, what, nullable in (("p", "a probability in [0, 1] or null", True),
+                                ("end_p", "a probability in [0, 1]", False),
+                                ("step_at", "a fraction of training in [0, 1] or null", True)):
         v = drop.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+        if key not in drop or v is None and nullable:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ConfigError(f"{source_of(cfg, overrides, f'dropout.{key}')}: 'dropout.{key}' must be {what}, "
                               f"got {v!r}")
 

@@ -194,14 +194,19 @@ def test_mask_in_place(mode, dtype, layout, device):
         assert out is g and torch.equal(g, expect)
 
 
-def test_a_compressed_block_compiles_as_one_graph(float_matmul):
+@pytest.mark.parametrize("int_mm", ["auto, off", "1"])
+def test_a_compressed_block_compiles_as_one_graph(monkeypatch, int_mm):
     """A user's torch.compile(model, fullgraph=True) over compressed linears and quantized attention: no graph
-    break (the `signed` buffer is not read in the forward, the CPU's capabilities are read at import, `_Flat` does
-    not sort symbolic strides), and the outputs and gradients of eager execution (checked on BERT and ViT too, by
-    hand: 65-85 s of compiling). Float matmul: the integer one's rounding differs from the traced float formula."""
+    break, and the outputs and gradients of eager execution, also after a second batch size has made dynamo
+    recompile with dynamic shapes (checked on BERT and ViT too, by hand: 65-85 s of compiling). What used to break
+    it: the `signed` buffer read in the forward, the CPU's capabilities traced through a cache, `_Flat` sorting
+    symbolic strides. With the float32 matmul as `auto` picks it on a CPU without an int8 dot-product instruction
+    (the capability read as a constant), and with the integer matmul forced."""
+    from common import int_matmul
     from common.attention import AttentionQuantizers, attention_core
-    torch.manual_seed(0)
-    B, N, H, D = 2, 5, 2, 8
+    monkeypatch.setattr(int_matmul, "_mode", int_mm.split(",")[0])
+    monkeypatch.setattr(int_matmul, "_int8_dot", False, raising=False)
+    H, D = 2, 8
 
     class Block(torch.nn.Module):  # timm's ViT attention in miniature: fused qkv, q/k/v views of it, projection
         def __init__(self):
@@ -219,25 +224,28 @@ def test_a_compressed_block_compiles_as_one_graph(float_matmul):
             self.attn_quant.v.lo.requires_grad_(False)
 
         def forward(self, x):
+            B, N, _ = x.shape
             q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
             o, _ = attention_core(q, k, v.relu(), None, D ** -0.5, 0.0, False, self.attn_quant)
             return self.proj(o.transpose(1, 2).reshape(B, N, H * D))
 
     eager = Block()
     compiled = copy.deepcopy(eager)
-    x = torch.randn(B, N, H * D)
-    outs = []
     # aot_eager: dynamo's capture and AOTAutograd's tracing of forward and backward, where graph breaks and
     # untraceable code show, without inductor's C++ build (tens of seconds here, and torch's to test)
-    for m in (eager, torch.compile(compiled, fullgraph=True, backend="aot_eager")):
-        y = m(x)
-        y.square().sum().backward()
-        outs.append(y.detach())
-    torch.testing.assert_close(outs[1], outs[0])
-    grads = {n: p.grad for n, p in compiled.named_parameters()}
-    for n, p in eager.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, msg=n)
-        else:
-            assert grads[n] is None and p.grad is None, n
-    assert eager.qkv.weight.grad[~eager.qkv.mask].abs().sum() == 0  # pruned weights get no gradient
+    fn = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for batch in (2, 3):
+        x = torch.randn(batch, 5, H * D)
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+        y0, y1 = eager(x), fn(x)
+        y0.square().sum().backward()
+        y1.square().sum().backward()
+        torch.testing.assert_close(y1, y0)
+        grads = {n: p.grad for n, p in compiled.named_parameters()}
+        for n, p in eager.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(grads[n], p.grad, msg=n)
+            else:
+                assert grads[n] is None and p.grad is None, n
+        assert eager.qkv.weight.grad[~eager.qkv.mask].abs().sum() == 0  # pruned weights get no gradient

@@ -95,7 +95,10 @@ def test_pact_gradients_by_hand():
     y.backward(g)
     assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 0.0, 0.0]))
     assert hi.grad.item() == 9.0
-    assert lo.grad is None
+    # lo gets its gradient exactly when it requires one (how a two-sided quantizer's lo is set up): x < lo
+    lo.requires_grad_(True)
+    ActFakeQuant.apply(x, lo, hi, 4, True, False).backward(g)
+    assert lo.grad.item() == 1.0
     # two-sided: below lo passes to lo
     x2 = torch.tensor([-3.0, -0.5, 0.5, 3.0], requires_grad=True)
     lo2 = torch.tensor(-1.0, requires_grad=True)

@@ -217,8 +217,10 @@ def test_a_stage_override_wins_over_its_pipeline_one_in_any_order():
     ("wav2vec_librispeech", "compression.sparsity=5:4", "impossible N:M sparsity '5:4'"),
     ("vit_imagenet", "dropout.schedule=linearr", "command line: 'dropout.schedule' must be one of constant, linear"),
     ("bert_squad", "dropout.step_at=2", "'dropout.step_at' must be a fraction of training in [0, 1]"),
-    ("wav2vec_librispeech", "dropout.p=1.5", "command line: 'dropout.p' must be a probability in [0, 1], got 1.5"),
+    ("wav2vec_librispeech", "dropout.p=1.5", "command line: 'dropout.p' must be a probability in [0, 1] or null, "
+                                             "got 1.5"),
     ("vit_imagenet", "dropout.end_p=high", "'dropout.end_p' must be a probability in [0, 1], got 'high'"),
+    ("bert_squad", "dropout.end_p=null", "'dropout.end_p' must be a probability in [0, 1], got None"),
     ("bert_squad", "compression=8", "command line: 'compression' must be a mapping (or null), got 8"),
     ("vit_imagenet", "compression.calib_percentile=abc", "compression: a value of the wrong type"),
 ])
