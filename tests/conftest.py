@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(2)
+
+# The datasets library caches every file it loads (the tests' tiny SQuAD json files, under new temporary paths each
+# run) in ~/.cache/huggingface/datasets: the suite's copies go to a directory of its own, removed at exit, not into
+# the user's home. Set before any test module imports datasets (it reads the variable at import); stages the tests
+# launch as subprocesses inherit it.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="tests_hf_datasets_")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 # Tests taking the `device` fixture run on the CPU and, where one is present, on a CUDA GPU as well: the same
 # invariants (exact equalities included) checked on the GPU code paths (Triton kernels, cuBLAS, no int8 matmul).

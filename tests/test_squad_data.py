@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -139,3 +140,18 @@ def test_missing_file_and_empty_dev_answers_ok(tmp_path):
     path.write_text(json.dumps(_nested([{"text": "Lyon", "answer_start": 13}])))
     d = load_squad(validation_file=str(path), cache_dir=str(tmp_path / "cache"))
     assert d["validation"][0]["answers"] == {"text": ["Lyon"], "answer_start": [13]}
+
+
+def test_the_suite_caches_loaded_files_outside_the_users_home(tmp_path):
+    """conftest points the datasets cache at a directory of the suite's own before datasets is imported: a file
+    loaded without a cache_dir (as the pipeline stages do) is cached there, not in ~/.cache/huggingface."""
+    import os
+
+    import datasets
+    cache = Path(os.environ["HF_DATASETS_CACHE"])
+    assert Path(datasets.config.HF_DATASETS_CACHE) == cache
+    assert not cache.is_relative_to(Path.home() / ".cache" / "huggingface")
+    mms.main(["--out_dir", str(tmp_path), "--n_train", "5", "--n_dev", "5", "--max_tokens", "0"])
+    before = set(cache.rglob("*.arrow"))
+    load_squad(validation_file=str(tmp_path / "dev.json"))
+    assert set(cache.rglob("*.arrow")) - before
