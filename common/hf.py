@@ -166,6 +166,9 @@ def training_arguments(cfg: dict, out_dir) -> TrainingArguments:
         # starts the gloo group and shards the batches but leaves distributed_type NO, so the model is not wrapped
         # in DDP and every rank trains alone on its shard (no gradient all-reduce). use_cpu selects MULTI_CPU + DDP.
         kw.setdefault("use_cpu", True)
+    if not torch.accelerator.is_available():
+        # pinned host memory only speeds copies to an accelerator; without one every DataLoader warns about it
+        kw.setdefault("dataloader_pin_memory", False)
     for key in ("eval_strategy", "save_strategy", "logging_strategy"):
         if kw.get(key) is False:  # YAML reads an unquoted `no` (the strategy's name) as false
             kw[key] = "no"

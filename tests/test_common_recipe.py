@@ -56,6 +56,18 @@ def test_unquoted_no_strategy_from_yaml(tmp_path):
     assert args.eval_strategy.value == "no" and args.save_strategy.value == "no"
 
 
+def test_no_pinned_memory_without_an_accelerator_unless_asked(tmp_path, monkeypatch):
+    """Pinned memory serves copies to an accelerator: off without one (the DataLoader warned on every loader),
+    unless the config's `train` section sets it."""
+    import torch
+    from common.hf import training_arguments
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    cfg = {"train": {"report_to": "none"}, "config_file": "x.yaml"}
+    assert training_arguments(cfg, tmp_path).dataloader_pin_memory is False
+    own = {"train": {"report_to": "none", "dataloader_pin_memory": True}, "config_file": "x.yaml"}
+    assert training_arguments(own, tmp_path).dataloader_pin_memory is True
+
+
 @pytest.mark.parametrize("step_at,expected", [(None, 0.5), (0.25, 0.25)])
 def test_dropout_step_at_reaches_the_hf_schedule(step_at, expected):
     """dropout.step_at (null: halfway) is passed to the HF pipelines' ScheduledDropout, as ViT's train.py does."""
