@@ -266,10 +266,10 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
     evaluation and export), for the run-time table of results/README.md. Stages skipped as done keep theirs.
     The hardware is the one the run's metrics.json names (a stage may set its own thread count; the export after
     it runs in this process), else this process's."""
-    from common.runs import hardware
+    from common.runs import RunError, hardware, read_metrics
     try:
-        hw = json.loads((Path(output_dir) / "metrics.json").read_text())["hardware"] if output_dir else None
-    except (OSError, ValueError, KeyError, TypeError):
+        hw = read_metrics(output_dir).get("hardware") if output_dir else None
+    except RunError:  # a damaged metrics.json: make_results names it; the time still counts
         hw = None
     path = Path(runs_dir) / scale / "reproduce_times.json"
     try:
