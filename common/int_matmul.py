@@ -43,19 +43,15 @@ def int8_dot_instructions() -> tuple[str, ...]:
     return tuple(k for k in INT8_DOT if caps.get(k))
 
 
+# read once, at import, into a plain global rather than a cache: torch.compile reads a global as a constant, where it
+# would trace into get_capabilities (whose result it cannot put in a graph) from inside a compiled model's first call
+_int8_dot = bool(int8_dot_instructions())
+
+
 def has_int8_dot() -> bool:
     """Whether this CPU has an instruction that oneDNN's int8 matmul needs to be fast (INT8_DOT); False where
     torch cannot tell: the float32 matmul is the safe side."""
-    global _int8_dot
-    if _int8_dot is None:
-        _int8_dot = bool(int8_dot_instructions())
     return _int8_dot
-
-
-# read at import into a plain global, not a cache: torch.compile reads a global as a constant, where it would trace
-# into get_capabilities (whose result it cannot put in a graph) from inside a compiled model's first call
-_int8_dot: bool | None = None
-has_int8_dot()
 
 
 def active() -> bool:
@@ -66,8 +62,7 @@ def active() -> bool:
 def describe() -> str:
     """The mode and what it means here, for benchmark records: e.g. 'auto (off: no int8 dot-product instruction)'."""
     if _mode == "auto":
-        return f"auto ({'on' if has_int8_dot() else 'off'}: {'an' if has_int8_dot() else 'no'} int8 dot-product " \
-               "instruction)"
+        return f"auto ({'on' if _int8_dot else 'off'}: {'an' if _int8_dot else 'no'} int8 dot-product instruction)"
     return _mode
 
 

@@ -109,7 +109,8 @@ def test_auto_uses_it_only_with_an_int8_dot_product_instruction(mode, monkeypatc
     """Without VNNI/AMX, oneDNN's int8 matmul measured 21-27x slower than float32 (benchmarks/bench_int_matmul.py):
     auto leaves it off there; 1 forces it, 0 never."""
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    monkeypatch.setattr(int_matmul, "_int8_dot", None)  # read again from the capabilities above; restored after
+    # what the import reads, from the capabilities above; restored after
+    monkeypatch.setattr(int_matmul, "_int8_dot", bool(int_matmul.int8_dot_instructions()))
     calls = []
     real = int_matmul.int_linear
     monkeypatch.setattr(int_matmul, "int_linear", lambda *a: calls.append(1) or real(*a))

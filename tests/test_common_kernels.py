@@ -205,7 +205,7 @@ def test_a_compressed_block_compiles_as_one_graph(monkeypatch, int_mm):
     from common import int_matmul
     from common.attention import AttentionQuantizers, attention_core
     monkeypatch.setattr(int_matmul, "_mode", int_mm.split(",")[0])
-    monkeypatch.setattr(int_matmul, "_int8_dot", False, raising=False)
+    monkeypatch.setattr(int_matmul, "_int8_dot", False)
     H, D = 2, 8
 
     class Block(torch.nn.Module):  # timm's ViT attention in miniature: fused qkv, q/k/v views of it, projection
