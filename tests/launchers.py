@@ -1,7 +1,6 @@
 """Commands that start 2 local processes of an entry point, as users launch the pipelines on several GPUs."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def two_processes(launch: str, module: bool = True, n: int = 2) -> list[str]:
     """The command prefix that starts n (2) processes with `torchrun` or `accelerate launch` (whose multi-GPU
     launcher is torchrun's; on a CPU machine the processes use gloo); module=True: the next argument is a module
-    name, else a script path."""
-    port = str(free_port())
+    name, else a script path. Each launcher picks a free port itself: torchrun does on one node without
+    --master_port (its c10d rendezvous binds port 0), accelerate with port 0."""
     if launch == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
     elif launch == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-               "--num_machines", "1", "--main_process_port", port]
+               "--num_machines", "1", "--main_process_port", "0"]
     else:
         raise ValueError(launch)
     return cmd + (["-m"] if module else [])
