@@ -182,12 +182,12 @@ def missing_inputs(pipeline: str, scale: str, stages: list[str] | None = None,
 def timm_model_problems(cfg: dict, where: str) -> list[str]:
     """The timm `model:` block (ViT): its local files exist, or its pretrained weights are on the hub."""
     m = cfg.get("model")
-    if not isinstance(m, dict) or not m.get("name"):
+    if not isinstance(m, dict) or not m.get("name") or cfg.get("init_from"):  # weights from that run: none read
         return []
     local = {"model.checkpoint_path": m.get("checkpoint_path"),
              "model.pretrained_cfg_overlay.file": (m.get("pretrained_cfg_overlay") or {}).get("file")}
     problems = [f"{where}: {key}={val} does not exist" for key, val in local.items() if val and not Path(val).exists()]
-    if not m.get("pretrained") or cfg.get("init_from") or any(local.values()):
+    if not m.get("pretrained") or any(local.values()):
         return problems
     from timm.models import get_pretrained_cfg
     try:

@@ -97,7 +97,10 @@ def test_paper_scale_checks_the_timm_weights(monkeypatch, tmp_path):
     (problem,) = reproduce.timm_model_problems(cfg, "vit_imagenet/fp")
     assert asked == ["timm/vit_base_patch16_224.augreg_in21k_ft_in1k"] and "model.pretrained_cfg_overlay" in problem
     assert any("'vit_base_patch16_224.augreg_in21k'" in p for p in reproduce.missing_inputs("vit_imagenet", "paper"))
-    assert reproduce.timm_model_problems(reproduce.resolved("vit_imagenet", "paper", "qat4"), "q") == []
+    qat4 = reproduce.resolved("vit_imagenet", "paper", "qat4")
+    assert reproduce.timm_model_problems(qat4, "q") == []
+    gone = {"checkpoint_path": str(tmp_path / "gone.pth"), "pretrained_cfg_overlay": {"file": str(tmp_path / "x")}}
+    assert reproduce.timm_model_problems(dict(qat4, model={**qat4["model"], **gone}), "q") == []  # not read there
     weights = tmp_path / "vit.safetensors"
     local = dict(cfg, model={**cfg["model"], "pretrained_cfg_overlay": {"file": str(weights)}})
     assert reproduce.timm_model_problems(local, "w") == [f"w: model.pretrained_cfg_overlay.file={weights} does not exist"]

@@ -166,6 +166,28 @@ def test_missing_init_checkpoint(chain, digits, tmp_path):
         train("qat4", tmp_path, digits, f"init_from={chain[0] / 'sparse'}", f"kd.teacher={empty}")
 
 
+def test_checkpoint_path_inits_only_where_nothing_else_does(digits, tmp_path):
+    """model.checkpoint_path gives the weights of a stage without init_from (kept when it trains 0 steps); the
+    builds whose weights come from elsewhere (a later stage, its teacher, eval of a run) do not read it, so it may
+    be gone by then."""
+    from vit_imagenet.pipeline import create_model, load_stage_config
+    ckpt = tmp_path / "vit.pth"
+    cfg = load_stage_config(str(CONFIGS / "fp.yaml"), tiny(tmp_path, digits))
+    torch.save(create_model(cfg, init_weights=False).state_dict(), ckpt)
+    fp = train("fp", tmp_path, digits, f"model.checkpoint_path={ckpt}", "train.max_steps=null",
+               "train.epochs=0")
+    run = tmp_path / "mini" / "vit_imagenet" / "fp"
+    assert fp["init_from"] == f"checkpoint {ckpt}"
+    saved, original = load_file(str(run / "model.safetensors")), torch.load(ckpt)
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    ckpt.rename(tmp_path / "moved.pth")
+    assert vit_eval.main([str(run), "--out_dir", str(tmp_path / "ev")])["top1"] == fp["top1"]
+    qat4 = train("qat4", tmp_path, digits, f"model.checkpoint_path={ckpt}", f"init_from={run}", "train.max_steps=1")
+    assert qat4["init_from"] == str(run) and qat4["kd"]
+    with pytest.raises(RunError, match=f"fp.yaml: model.checkpoint_path {ckpt} is not a file"):
+        train("fp", tmp_path, digits, f"model.checkpoint_path={ckpt}", f"output_dir={tmp_path / 'fp2'}")
+
+
 def test_unknown_config_key(digits, tmp_path):
     with pytest.raises(ConfigError, match=r"command line.*train\.lerning_rate"):
         train("fp", tmp_path, digits, "train.lerning_rate=0.1")

@@ -36,7 +36,7 @@ from vit_imagenet.pipeline import (PIPELINE, Dist, build_data, channels_last, cr
 def load_run_model(run_dir: Path, cfg: dict) -> torch.nn.Module:
     """The architecture of the run (no download: the weights come from the run), prepared with its recipe, with
     model.safetensors loaded strictly."""
-    model = create_model(cfg, pretrained=False)
+    model = create_model(cfg, init_weights=False)
     recipe = stage_recipe(cfg)
     if recipe is not None:
         prepare(model, recipe)  # masks computed here are replaced by the saved ones

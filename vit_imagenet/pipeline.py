@@ -133,19 +133,23 @@ def log(msg: str, d: Dist | None = None, file: Path | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- model ---
-def create_model(cfg: dict, pretrained: bool | None = None) -> nn.Module:
+def create_model(cfg: dict, init_weights: bool = True) -> nn.Module:
     """timm.create_model from the `model:` block; `dropout.p` (when set) is timm's proj_drop_rate and
-    attn_drop_rate (the dropout after the attention/MLP projections and on the attention probabilities)."""
+    attn_drop_rate (the dropout after the attention/MLP projections and on the attention probabilities).
+    init_weights=False: the caller loads the weights (a run's, a teacher's, a resumed checkpoint's) or needs none, so
+    neither the pretrained weights nor model.checkpoint_path are read (they need not exist any more)."""
     import timm
     m = cfg["model"]
     kw = {k: (tuple(m[k]) if isinstance(m[k], list) else m[k]) for k in MODEL_KWARGS if m.get(k) is not None}
     p = (cfg.get("dropout") or {}).get("p")
     if p is not None:
         kw["proj_drop_rate"] = kw["attn_drop_rate"] = float(p)
-    pretrained = bool(m.get("pretrained")) if pretrained is None else pretrained
+    pretrained = bool(m.get("pretrained")) and init_weights
     if pretrained and m.get("pretrained_cfg_overlay"):
         kw["pretrained_cfg_overlay"] = dict(m["pretrained_cfg_overlay"])
-    if m.get("checkpoint_path"):
+    if init_weights and m.get("checkpoint_path"):
+        if not Path(m["checkpoint_path"]).is_file():  # timm raises a bare FileNotFoundError()
+            raise RunError(f"{cfg.get('config_file')}: model.checkpoint_path {m['checkpoint_path']} is not a file")
         kw["checkpoint_path"] = m["checkpoint_path"]
     try:
         return timm.create_model(m["name"], pretrained=pretrained, **kw)

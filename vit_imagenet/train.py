@@ -192,8 +192,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     seed_rng(seed + d.rank)  # model init is overwritten by rank 0's weights under DDP
 
     # -- model: init weights (pretrained / init_from with masks) -> prepare -> calibrate ------------------------
-    pretrained = bool(cfg["model"].get("pretrained")) and not cfg.get("init_from") and ckpt is None
-    probe = create_model(cfg, pretrained=False)  # for the data config only (input size, mean/std)
+    probe = create_model(cfg, init_weights=False)  # for the data config only (input size, mean/std)
     comp_cfg = cfg.get("compression") or {}
     calibrates = bool(comp_cfg) and comp_cfg.get("a_bits", 4) < 32 and comp_cfg.get("calib_batches", 32) > 0
     # an evaluate-only stage (paper fp: epochs 0) does not list the 1.28M training images
@@ -204,7 +203,8 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     calib = ((lambda: calibration_batches(cfg, data["calib"], d, plan["global_batch"], plan["batch_size"]))
              if "calib" in data else None)
     t_build = time.time()
-    model, init_state = build_stage_model(cfg, lambda: create_model(cfg, pretrained=pretrained), calib,
+    own_init = not cfg.get("init_from") and ckpt is None  # else the weights come from the init run or checkpoint
+    model, init_state = build_stage_model(cfg, lambda: create_model(cfg, init_weights=own_init), calib,
                                           do_calibrate=ckpt is None, train_device=d.device,
                                           calib_micro_batch=plan["batch_size"])
     model.to(d.device)
@@ -220,7 +220,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
         f"{recipe.to_dict() if recipe else 'none (full precision)'}; backbone {comp['compression_ratio']}x "
         f"({comp['bits_per_backbone_weight']} bits/weight); built+calibrated in {time.time() - t_build:.1f}s"
         f"{f'; {n_fixed} one-sided clips fixed at 0' if n_fixed else ''}")
-    distiller = build_distiller(cfg, lambda: create_model(cfg, pretrained=False))
+    distiller = build_distiller(cfg, lambda: create_model(cfg, init_weights=False))
     if distiller is not None:
         distiller.to(d.device)
         if channels_last(cfg, d):
