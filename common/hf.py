@@ -69,6 +69,11 @@ class CompressionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.kd_mask_fn = kd_mask_fn
+        # Our losses are per-micro-batch means: the KD mix, and the task losses of BERT QA and wav2vec2 CTC, whose
+        # forward takes **kwargs but ignores num_items_in_batch. Seeing **kwargs, the Trainer would pass that count,
+        # take the loss as normalised over the accumulated batch (skipping the division by the accumulation steps)
+        # and multiply it by the world size: gradients and logged losses GA (x world size) times too large.
+        self.model_accepts_loss_kwargs = False
 
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)

@@ -39,8 +39,12 @@ def minmax_clip(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
 def weight_clip(method: str, w: torch.Tensor, bits: int, zero_preserving: bool, per_channel: bool,
                 n_nonzero: int | None = None) -> torch.Tensor:
     if method == "sawb":
-        return sawb_clip(w, bits, zero_preserving, per_channel, n_nonzero)
-    if method == "minmax":
-        return minmax_clip(w, per_channel)
-    raise ValueError(f"unknown weight quantizer {method!r}")
+        c = sawb_clip(w, bits, zero_preserving, per_channel, n_nonzero)
+    elif method == "minmax":
+        c = minmax_clip(w, per_channel)
+    else:
+        raise ValueError(f"unknown weight quantizer {method!r}")
+    # An all-zero tensor (or row: a zero-initialised layer) has no range. Any positive clip puts it on code 0; a
+    # clip of 0 gave a step of 0 and codes 0 * (1/0) = NaN.
+    return torch.where(c > 0, c, 1.0)
 

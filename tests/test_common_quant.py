@@ -67,6 +67,31 @@ def test_sawb_formula_and_fallback():
     assert sawb_clip(const, 4, True).item() == pytest.approx(0.5 * (12.035 - 12.03), rel=1e-3)  # float32 cancellation
 
 
+@pytest.mark.parametrize("method", ["sawb", "minmax"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("zero_preserving", [True, False])
+def test_all_zero_weights_quantize_to_finite_values(method, per_channel, zero_preserving):
+    """A zero-initialised layer (or a zero row, per channel) has no weight range: its clip must still be positive,
+    so that the prepared layer's outputs stay finite and convert's frozen codes give the same outputs."""
+    from common.linear import CompressedLinear
+    from common.prepare import FrozenCompressedLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        if per_channel:
+            lin.weight[1] = 0
+        else:
+            lin.weight.zero_()
+    spec = WeightQuantSpec(4, method, zero_preserving, per_channel, 0.5)
+    cl = CompressedLinear.from_linear(lin, spec, ActQuantizer(4, "pact", True), (2, 4))
+    x = torch.randn(3, 8)
+    y = cl(x)
+    assert torch.isfinite(y).all() and torch.isfinite(cl.effective_weight()).all()
+    if zero_preserving:
+        assert cl.effective_weight()[1].eq(0).all()
+    torch.testing.assert_close(FrozenCompressedLinear(cl).eval()(x), cl.eval()(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("lo,hi", [(0.0, 3.0), (-1.0, 2.0), (-0.37, 5.1)])
 def test_zero_preserving_act_equals_reference_and_keeps_zero(lo, hi):
     x = torch.randn(1000) * 3

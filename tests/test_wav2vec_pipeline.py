@@ -235,6 +235,25 @@ def test_two_processes(env, launch):
     assert_close_weights(a, load_file(str(one / "model.safetensors")))
 
 
+@pytest.mark.parametrize("kd", [True, False])
+def test_accumulation_gives_the_update_of_the_whole_batch(env, kd):
+    """Global batch 4 as 2 accumulated micro-batches of 2 = one batch of 4 (SGD without clipping, so that a scaled
+    gradient shows):
+    the CTC loss is a per-micro-batch mean on both paths (with KD, and the Trainer's own without it), though the
+    Trainer, seeing the model take **kwargs, would take it as already normalised over the accumulated batch."""
+    root, _ = env
+    extra = ["train.max_grad_norm=0"] + ([] if kd else ["kd.enabled=false"])
+    runs = {}
+    for per_device in (4, 2):
+        out = root / f"accum_{kd}_{per_device}"
+        runs[per_device] = run("qat4", _qat4_args(env, out, per_device), *extra, "overwrite_output_dir=true")
+        assert runs[per_device]["global_batch_size"] == 4 and runs[per_device]["train_steps"] == 3
+    assert_close_weights(*(load_file(str(root / f"accum_{kd}_{n}" / "model.safetensors")) for n in (4, 2)))
+    logged = [[r["loss"] for r in json.loads((root / f"accum_{kd}_{n}" / "log_history.json").read_text())
+               if "loss" in r] for n in (4, 2)]
+    assert logged[0] and logged[1] == pytest.approx(logged[0], rel=1e-4)
+
+
 def test_bad_inputs_fail_clearly(env, tmp_path):
     root, args = env
     with pytest.raises(ConfigError, match="learnin_rate"):
