@@ -93,6 +93,8 @@ def dequantize_weight(codes: torch.Tensor, step: torch.Tensor, zero_preserving: 
 def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, zero_preserving: bool):
     """Scale, zero point and the effective clip range of the activation grid over [lo, hi]."""
     n = 2**bits - 1
+    if zero_preserving:  # the range holds 0 (a clip trained past it would otherwise shift the grid, not clip it)
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     scale = ((hi - lo) / n).clamp_min(1e-8)
     zp = -lo / scale
     if zero_preserving:

@@ -104,6 +104,18 @@ def test_zero_preserving_act_equals_reference_and_keeps_zero(lo, hi):
     assert quantize_act(torch.zeros(5), scale, zp, 4, True).eq(0).all()
 
 
+@pytest.mark.parametrize("lo,hi", [(0.5, 1.0), (-1.0, -0.5)])
+def test_zero_preserving_act_range_keeps_zero_when_a_clip_crosses_it(lo, hi):
+    """A trained clip may cross 0 (lo above it, hi below it): the zero-preserving grid then spans [0, hi] (or
+    [lo, 0]), keeping 0 a level and clipping at the other clip, instead of shifting to [0, hi - lo]."""
+    x = torch.cat([torch.linspace(-1.2, 1.2, 49), torch.zeros(1)])
+    y = ActFakeQuant.apply(x, torch.tensor([lo]), torch.tensor([hi]), 4, True, False)
+    a, b = min(lo, 0.0), max(hi, 0.0)
+    ref = torch.fake_quantize_per_tensor_affine(x, (b - a) / 15, round(-a / ((b - a) / 15)), 0, 15)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    assert y.min() == a and y.max() == b and y[-1] == 0
+
+
 def test_plain_act_grid_moves_zero():
     scale, zp, _, _ = act_qparams(torch.tensor(-0.37), torch.tensor(5.1), 4, False)
     assert float(zp) != round(float(zp))
