@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -88,18 +89,49 @@ def comparable(cfg: dict) -> dict:
 
 def run_state(cfg: dict) -> str:
     """What the stage's run dir holds: "" (nothing), "done" (metrics.json, same config), "interrupted" (same config,
-    no metrics.json yet: resumed, not restarted) or "other" (another config, or unreadable: kept aside, see
-    set_aside)."""
+    no metrics.json yet: resumed, not restarted) or "other" (another config, unreadable, or built from an upstream
+    run trained again since: kept aside, see set_aside; `inspect_run` says why)."""
+    return inspect_run(cfg)[0]
+
+
+def inspect_run(cfg: dict) -> tuple[str, str]:
+    """(run_state, why it is "other")."""
+    from common.runs import RunError, read_metrics
     run = Path(cfg["output_dir"])
     if not run.is_dir() or not any(run.iterdir()):
-        return ""
+        return "", ""
     try:
         saved = yaml.safe_load((run / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return "other"
-    if not isinstance(saved, dict) or comparable(saved) != comparable(cfg):
-        return "other"
-    return "done" if (run / "metrics.json").exists() else "interrupted"
+    except (OSError, yaml.YAMLError) as e:
+        return "other", f"no readable config.yaml ({type(e).__name__})"
+    if not isinstance(saved, dict):
+        return "other", "its config.yaml is not a mapping"
+    if comparable(saved) != comparable(cfg):
+        return "other", config_changes(saved, cfg)
+    try:
+        own = read_metrics(run).get("date")
+    except RunError as e:
+        return "other", str(e)
+    started = own or datetime.fromtimestamp((run / "config.yaml").stat().st_mtime, timezone.utc).isoformat()
+    if newer := upstream_trained_since(cfg, started):
+        return "other", newer
+    return ("done" if (run / "metrics.json").exists() else "interrupted"), ""
+
+
+def upstream_trained_since(cfg: dict, since: str) -> str:
+    """Which run the stage starts from (init_from) or distils from (kd.teacher) was trained again after `since`
+    (an ISO date): the stage must be redone on it. "" if none."""
+    from common.runs import RunError, read_metrics
+    kd = cfg.get("kd") or {}
+    for key, up in (("init_from", cfg.get("init_from")), ("kd.teacher", kd.get("teacher") if kd.get("enabled")
+                                                                   else None)):
+        try:
+            date = read_metrics(up).get("date") if isinstance(up, str) else None
+            if date and datetime.fromisoformat(date) > datetime.fromisoformat(since):
+                return f"its {key} {up} was trained again since ({date})"
+        except (RunError, TypeError, ValueError):  # a damaged upstream run: the stage names it when it starts
+            continue
+    return ""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -109,14 +141,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(cfg: dict, most: int = 3) -> str:
-    """How the run dir's config.yaml differs from `cfg` (the first keys), for the set-aside message."""
-    try:
-        saved = yaml.safe_load((Path(cfg["output_dir"]) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        return f"no readable config.yaml ({type(e).__name__})"
-    if not isinstance(saved, dict):
-        return "its config.yaml is not a mapping"
+def config_changes(saved: dict, cfg: dict, most: int = 3) -> str:
+    """How a run dir's config.yaml (`saved`) differs from `cfg` (the first keys), for the set-aside message."""
     old, new = _flat(comparable(saved)), _flat(comparable(cfg))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:most])
@@ -126,7 +152,10 @@ def config_changes(cfg: dict, most: int = 3) -> str:
 def set_aside(run: Path) -> Path:
     """Move a run dir made with another config to <pipeline dir>/.replaced/<name>-<UTC time> rather than delete it
     (nothing a user made is lost unasked); the leading dot keeps it out of results/make_results.py."""
-    dest = run.parent / ".replaced" / f"{run.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    stamp = f"{run.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    dest, k = run.parent / ".replaced" / stamp, 1
+    while dest.exists():  # two set aside within a second
+        dest, k = run.parent / ".replaced" / f"{stamp}-{k}", k + 1
     dest.parent.mkdir(parents=True, exist_ok=True)
     run.rename(dest)
     return dest
@@ -224,12 +253,16 @@ def call_main(module: str, argv: list[str], isolate: bool) -> int:
     The tests chain the train.py mains in one process the same way, so in-process runs are the tested path."""
     if isolate:
         return subprocess.call([sys.executable, "-m", module, *argv], cwd=ROOT)
+    from common.runs import input_errors
     threads = torch_threads()
     try:
         importlib.import_module(module).main(argv)
         return 0
     except SystemExit as e:  # argparse and explicit exits keep their exit status
         return e.code if isinstance(e.code, int) else 1
+    except input_errors() as e:  # one line naming it, as the script's own entry point (common.runs.cli) gives
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except Exception:  # one failed stage is reported and the others still run, as with a subprocess
         traceback.print_exc()
         return 1
@@ -284,18 +317,20 @@ def record_time(runs_dir: str, scale: str, pipeline: str, stage: str, seconds: f
     path.write_text(json.dumps(times, indent=1) + "\n")
 
 
-def export_if_quantized(cfg: dict, pipeline: str, isolate: bool = False) -> None:
-    """Packed 4-bit checkpoint + compression.json (real bytes) for the results table's compression columns."""
+def export_if_quantized(cfg: dict, pipeline: str, isolate: bool = False) -> int:
+    """Packed 4-bit checkpoint + compression.json (real bytes) for the results table's compression columns.
+    Returns the export's exit status (0 when there is nothing to export)."""
     comp = cfg.get("compression") or {}
     run = Path(cfg["output_dir"])
     if comp.get("w_bits", 4) >= 32 or not cfg.get("compression") or not (run / "metrics.json").exists():
-        return
+        return 0
     if (run / "compression.json").exists() and (run / "compression.json").stat().st_mtime >= \
             (run / "metrics.json").stat().st_mtime:
-        return
+        return 0
     argv = [str(run), str(run / "model.c16.safetensors"), "--pipeline", pipeline, "--overwrite"]
     rc = call_main("common.export", argv, isolate)
     print(f"[reproduce] {pipeline}/{cfg['stage']}: export {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
+    return rc
 
 
 def split_override(o: str) -> tuple[str | None, str]:
@@ -351,6 +386,8 @@ def main(argv=None) -> int:
         if stage and not config_path(pipe, a.scale, stage).is_file():
             ap.error(f"--set {o}: {prefix} has no config at scale {a.scale}")
     isolate = bool(a.isolate)
+    # absolute: stages in subprocesses (ISOLATE, NPROC) run in the repository root, this check in the caller's dir
+    a.runs_dir, a.results_dir = os.path.abspath(a.runs_dir), os.path.abspath(a.results_dir)
     os.environ["RUNS_DIR"] = a.runs_dir
     # (pipeline, stage, its --set overrides) of every stage this call runs, checked before anything runs
     todo = [(p, s, overrides_for(p, s, a.set)) for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))]
@@ -383,21 +420,21 @@ def main(argv=None) -> int:
             overrides = user + (repeat_overrides(base, k) if k else [])
             cfg = resolved(p, a.scale, stage, overrides) if k else base
             name = f"{a.scale}/{p}/{stage}" + (f" (seed repeat {k})" if k else "")
-            state = run_state(cfg)
+            state, why = inspect_run(cfg)
             if state == "done" and not a.force:
                 print(f"[reproduce] {name}: done earlier, skipped ({cfg['output_dir']})", flush=True)
-                if not k:
-                    export_if_quantized(cfg, p, isolate)
+                if not k and export_if_quantized(cfg, p, isolate):
+                    failed.append(f"{p}/{stage} (export)")
                 continue
             if state == "other" and not a.force:  # FORCE=1 asks to replace it
-                print(f"[reproduce] {name}: {cfg['output_dir']}: {config_changes(cfg)}; moved to "
+                print(f"[reproduce] {name}: {cfg['output_dir']}: {why}; moved to "
                       f"{set_aside(Path(cfg['output_dir']))}", flush=True)
             resume = state == "interrupted" and not a.force
             print(f"[reproduce] {name}: {'resuming' if resume else 'running'} ...", flush=True)
             t0 = time.time()
             rc = run_stage(p, a.scale, stage, isolate, overrides, a.nproc, resume)
-            if rc == 0 and not k:  # the compression columns come from the default seed's export
-                export_if_quantized(cfg, p, isolate)
+            if rc == 0 and not k and export_if_quantized(cfg, p, isolate):  # the compression columns
+                failed.append(f"{p}/{stage} (export)")                       # come from the default seed's
             elif rc:
                 failed.append(f"{p}/{stage}{seed_suffix(k)}")
             secs = time.time() - t0

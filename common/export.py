@@ -748,9 +748,8 @@ def export_run(run_dir, out_file, dtype=torch.float16, index: str = "combo5", pi
     model = LOADERS[pipeline](run_dir)
     conv = _converted(model)
     extra = {"run_dir": str(run_dir), "pipeline": pipeline, "pipeline_found_by": how}
-    mfile = run_dir / "metrics.json"
-    if mfile.exists():
-        m = json.loads(mfile.read_text())
+    from .runs import read_metrics
+    if m := read_metrics(run_dir):  # a damaged one: an error that names it
         extra.update({k: m.get(k) for k in ("stage", "scale", "model", "main_metric") if k in m})
         if m.get("main_metric") in m:
             extra[m["main_metric"]] = m[m["main_metric"]]

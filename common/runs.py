@@ -247,14 +247,18 @@ def reevaluated(prev: dict, new: dict) -> dict:
     return out
 
 
-def cli(main, *input_errors: type[Exception]) -> None:
-    """A script's entry point: a bad config, run dir, recipe or missing input file (or one of the script's own
-    `input_errors`) ends with one line naming it (exit 2), not a traceback; anything else is a bug and keeps its
-    traceback."""
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors of bad input, which name it: a config, a run dir, a recipe, a missing file."""
     from .config import ConfigError
     from .recipe import RecipeError
+    return ConfigError, RunError, RecipeError, FileNotFoundError
+
+
+def cli(main, *own_errors: type[Exception]) -> None:
+    """A script's entry point: bad input (`input_errors`, or one of the script's `own_errors`) ends with one line
+    naming it (exit 2), not a traceback; anything else is a bug and keeps its traceback."""
     try:
         main()
-    except (ConfigError, RunError, RecipeError, FileNotFoundError, *input_errors) as e:
+    except (*input_errors(), *own_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

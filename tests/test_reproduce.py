@@ -1,6 +1,7 @@
 """reproduce.py: stage selection, skip-if-done with an unchanged config, paper-scale input checks."""
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,47 @@ def test_run_state_done_only_with_metrics_and_same_config(tmp_path, monkeypatch)
     assert reproduce.run_state(reproduce.resolved("bert_squad", "mini", "qat4")) == "done"
     (run / "config.yaml").write_text("train: [unclosed")
     assert reproduce.run_state(cfg) == "other"
+    # a damaged metrics.json is not a finished run (it would be skipped for ever): set aside and redone
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.json").write_text('{"stage": "qat4", "da')
+    state, why = reproduce.inspect_run(cfg)
+    assert state == "other" and why.startswith(f"{run / 'metrics.json'}: not readable as JSON (Unterminated")
+
+
+def test_a_stage_is_redone_when_a_run_it_starts_or_distils_from_was_trained_again(tmp_path, monkeypatch, capsys):
+    """fp retrained (another config) after sparse, qat4 and qat4_dense were built on it: they are set aside and
+    redone in the same call, in order; the next call finds them all done. A stage interrupted before its upstream
+    was retrained is not resumed either."""
+    import datetime
+    ran = []
+
+    def fake_call_main(module, argv, isolate):
+        cfg = reproduce.resolved("vit_imagenet", "mini", argv[1].rsplit("/", 1)[1][:-5], argv[3:])
+        out = Path(cfg["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat()  # distinct: microseconds
+        (out / "metrics.json").write_text(json.dumps({"date": date}))
+        ran.append(out.name)
+        return 0
+    monkeypatch.setattr(reproduce, "call_main", fake_call_main)
+    monkeypatch.setattr(reproduce, "export_if_quantized", lambda *a, **k: 0)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: 0)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    args = ["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet"]
+    assert reproduce.main(args) == 0 and ran == reproduce.MAIN
+    ran.clear()
+    assert reproduce.main(args + ["--set", "vit_imagenet/fp:train.seed=9"]) == 0 and ran == reproduce.MAIN
+    out = capsys.readouterr().out
+    assert f"sparse: {tmp_path}/mini/vit_imagenet/sparse: its init_from {tmp_path}/mini/vit_imagenet/fp was " \
+           "trained again since" in out
+    assert len(list((tmp_path / "mini" / "vit_imagenet" / ".replaced").iterdir())) == 4
+    ran.clear()
+    assert reproduce.main(args + ["--set", "vit_imagenet/fp:train.seed=9"]) == 0 and ran == []
+    qat4 = reproduce.resolved("vit_imagenet", "mini", "qat4")
+    (Path(qat4["output_dir"]) / "metrics.json").unlink()  # as if interrupted, then its init_from retrained:
+    os.utime(Path(qat4["output_dir"]) / "config.yaml", (0, 0))  # started in 1970
+    assert reproduce.inspect_run(qat4)[0] == "other"
 
 
 def test_existing_runs_are_resumed_or_set_aside_never_deleted(tmp_path, monkeypatch, capsys):
@@ -319,6 +361,60 @@ def test_nproc_launches_every_stage_with_torchrun(tmp_path, monkeypatch):
     assert all(t["hardware"].startswith("2 processes on ") for t in times.values())
     with pytest.raises(SystemExit):
         reproduce.main(["--nproc", "0"])
+
+
+def test_a_relative_runs_dir_means_the_same_dirs_to_the_stage_processes(tmp_path, monkeypatch):
+    """Stages in subprocesses (ISOLATE=1, NPROC>1) run in the repository root, the done/replace check in the
+    caller's dir: a relative RUNS_DIR would make them two different dirs, so that a finished run in the
+    repository's runs/ was overwritten unasked. Both are made absolute first."""
+    seen = []
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: seen.append(
+        (cmd, os.environ["RUNS_DIR"], kw.get("cwd"))) or 0)
+    monkeypatch.setattr(reproduce, "export_if_quantized", lambda *a, **k: 0)
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(["--runs-dir", "rel", "--results-dir", "res", "--quick", "1", "--pipelines",
+                           "vit_imagenet", "--isolate", "1"]) == 0
+    stages, tables = seen[:-1], seen[-1]
+    assert len(stages) == 4 and all(env == str(tmp_path / "rel") for _, env, _ in stages)
+    assert tables[0][-3:] == [str(tmp_path / "rel"), "--out", str(tmp_path / "res")]
+
+
+def test_set_aside_twice_in_a_second_keeps_both(tmp_path):
+    runs = []
+    for k in range(3):
+        run = tmp_path / "qat4"
+        run.mkdir()
+        (run / "mine.txt").write_text(str(k))
+        runs.append(reproduce.set_aside(run))
+    assert len(set(runs)) == 3 and [int((r / "mine.txt").read_text()) for r in runs] == [0, 1, 2]
+
+
+def test_bad_input_of_an_in_process_stage_is_one_line(tmp_path, capsys):
+    """As the scripts' own entry points (common.runs.cli) say it: exit 2 and one line naming the problem."""
+    missing = tmp_path / "nope.yaml"
+    assert reproduce.call_main("vit_imagenet.train", ["--config", str(missing)], isolate=False) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_export_counts_as_a_failure(tmp_path, monkeypatch, capsys):
+    """The export (the compression columns) of a finished compressed stage that fails makes the call fail, with
+    the stage named, rather than exit 0."""
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: 0)
+    monkeypatch.setattr(reproduce, "call_main", lambda module, argv, isolate: 1 if module == "common.export" else 0)
+
+    def finished(cfg):  # every stage already done: only the exports run
+        run = Path(cfg["output_dir"])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "metrics.json").write_text("{}")
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    for stage in reproduce.MAIN:
+        finished(reproduce.resolved("vit_imagenet", "mini", stage))
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet",
+                           "--results-dir", str(tmp_path / "res")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED stages: ['vit_imagenet/qat4 (export)', 'vit_imagenet/qat4_dense (export)']" in out
 
 
 def test_nproc_that_cannot_keep_a_global_batch_stops_before_anything_runs(tmp_path, monkeypatch, capsys):
