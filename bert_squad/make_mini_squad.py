@@ -302,6 +302,18 @@ def max_pair_tokens(squad, tokenizer):
     return max(len(ids) for ids in enc["input_ids"])
 
 
+def output_files(out_dir) -> dict:
+    return {s: os.path.join(out_dir, f"{s}.json") for s in ("train", "dev")}
+
+
+def foreign_files(out_dir) -> list[str]:
+    """The train.json/dev.json in out_dir that this script did not write (no params.json of its own): a user's
+    own SQuAD files, which a rebuild would overwrite."""
+    if os.path.isfile(os.path.join(out_dir, "params.json")):
+        return []
+    return [p for p in output_files(out_dir).values() if os.path.exists(p)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", required=True)
@@ -315,13 +327,16 @@ def main(argv=None):
 
     params = {"generator_version": GENERATOR_VERSION, "seed": args.seed,
               "n_train": args.n_train, "n_dev": args.n_dev}
-    paths = {s: os.path.join(args.out_dir, f"{s}.json") for s in ("train", "dev")}
+    paths = output_files(args.out_dir)
     p_file = os.path.join(args.out_dir, "params.json")
     if not args.force and all(os.path.exists(p) for p in [p_file, *paths.values()]):
         with open(p_file) as f:
             if json.load(f) == params:
                 print(f"mini-SQuAD up to date in {args.out_dir} ({params}); use --force to rewrite")
                 return 0
+    if not args.force and (foreign := foreign_files(args.out_dir)):
+        raise FileExistsError(f"{', '.join(foreign)}: not made by this script (no params.json in {args.out_dir}); "
+                              f"kept: pass --force to replace them")
     tokenizer = None
     if args.max_tokens:
         from transformers import AutoTokenizer

@@ -155,3 +155,25 @@ def test_the_suite_caches_loaded_files_outside_the_users_home(tmp_path):
     before = set(cache.rglob("*.arrow"))
     load_squad(validation_file=str(tmp_path / "dev.json"))
     assert set(cache.rglob("*.arrow")) - before
+
+
+def test_the_mini_generator_never_overwrites_a_users_files(tmp_path):
+    """The mini config generates train.json/dev.json beside data.train_file: a user's own files there (no
+    params.json of the generator) are refused and kept; files of other names are read as they are, nothing
+    generated beside them."""
+    from bert_squad.train import ensure_mini_data
+    from common.runs import RunError
+    gen = {"seed": 0, "n_train": 8, "n_dev": 4}
+    own = {tmp_path / "train.json": "mine", tmp_path / "dev.json": "mine too"}
+    for path, text in own.items():
+        path.write_text(text)
+    with pytest.raises(RunError, match=f"{tmp_path / 'train.json'}, {tmp_path / 'dev.json'}: not made by the mini"):
+        ensure_mini_data({"generate_mini": gen, "train_file": str(tmp_path / "train.json"),
+                          "validation_file": str(tmp_path / "dev.json")})
+    with pytest.raises(FileExistsError, match="not made by this script"):
+        mms.main(["--out_dir", str(tmp_path), "--n_train", "8", "--n_dev", "4", "--max_tokens", "0"])
+    other = tmp_path / "other"
+    other.mkdir()
+    ensure_mini_data({"generate_mini": gen, "train_file": str(other / "a.json"),
+                      "validation_file": str(other / "b.json")})
+    assert not any(other.iterdir()) and all(p.read_text() == t for p, t in own.items())

@@ -17,7 +17,7 @@ def test_missing_stage_config_is_named(pipeline, scale):
     assert r.returncode == 2 and f"{pipeline}/train.sh: no config {cfg}" in r.stderr
 
 
-@pytest.mark.parametrize("torchrun_args", [None, "", "--nnodes 2 --node_rank 0 --master_addr node0 --master_port 29500"])
+@pytest.mark.parametrize("torchrun_args", [None, "", "--nnodes 2 --node_rank 0 --master_addr node0 --master_port 1"])
 def test_nproc_launches_torchrun_like_reproduce(tmp_path, monkeypatch, torchrun_args):
     """NPROC=N train.sh runs the command reproduce.py runs for NPROC=N, with TORCHRUN_ARGS' flags. Without them,
     torch 2.14's torchrun rendezvouses one node on a free port of its own, so that jobs can share a node."""

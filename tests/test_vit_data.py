@@ -191,3 +191,17 @@ def test_init_source_names_the_weights_file():
     assert init_source({"model": {**m, "pretrained": False, "checkpoint_path": "/w/vit.pth"}}) == "checkpoint /w/vit.pth"
     assert init_source({"model": {**m, "pretrained": False}}) == "random (from scratch)"
     assert init_source({"model": m, "init_from": "runs/paper/vit_imagenet/sparse"}) == "runs/paper/vit_imagenet/sparse"
+
+
+def test_the_mini_generator_never_replaces_a_users_image_tree(tmp_path):
+    from types import SimpleNamespace
+
+    from common.runs import RunError
+    from vit_imagenet.pipeline import ensure_mini_data
+    mine = tmp_path / "val" / "n01440764" / "a.JPEG"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"mine")
+    with pytest.raises(RunError, match=f"data.data_dir {tmp_path}: .*set data.make_mini_digits=false"):
+        ensure_mini_data({"data": {"make_mini_digits": True, "data_dir": str(tmp_path)}},
+                         SimpleNamespace(main=True, barrier=lambda: None))
+    assert mine.read_bytes() == b"mine"

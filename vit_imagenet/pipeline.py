@@ -272,7 +272,11 @@ def ensure_mini_data(cfg: dict, d: Dist) -> None:
         return
     if d.main:
         from vit_imagenet.make_mini_digits import make_mini_digits
-        s = make_mini_digits(data["data_dir"], seed=int(data.get("mini_digits_seed", 0)))
+        try:
+            s = make_mini_digits(data["data_dir"], seed=int(data.get("mini_digits_seed", 0)))
+        except FileExistsError as e:  # a user's own tree: kept
+            raise RunError(f"data.data_dir {data['data_dir']}: {e}; set data.make_mini_digits=false to read it as "
+                           f"it is") from None
         if not s["skipped"]:
             log(f"wrote the mini digits tree to {data['data_dir']} ({s['n_train']} train / {s['n_val']} val)")
     d.barrier()

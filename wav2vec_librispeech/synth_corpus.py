@@ -168,6 +168,14 @@ def _params(seed, n_train, n_eval):
             "n_train": int(n_train), "n_eval": int(n_eval), "sample_rate": TARGET_SR}
 
 
+def foreign_splits(out_dir) -> list[str]:
+    """The LibriSpeech split dirs under out_dir that this script did not write (no params.json of its own): a
+    user's real corpus, which a rebuild would delete."""
+    if os.path.isfile(os.path.join(out_dir, "params.json")):
+        return []
+    return [s for s in SPLITS if os.path.exists(os.path.join(out_dir, "LibriSpeech", s))]
+
+
 def synthesize_corpus(out_dir, seed=0, n_train=1500, n_eval=150, force=False, verbose=True):
     """Build the corpus under ``out_dir``; returns a summary dict (counts, hours, seconds, skipped)."""
     t0 = time.perf_counter()
@@ -183,6 +191,9 @@ def synthesize_corpus(out_dir, seed=0, n_train=1500, n_eval=150, force=False, ve
             if verbose:
                 print(f"corpus already at {out_dir} with the same parameters; skipped (use --force)")
             return summary
+    if not force and (foreign := foreign_splits(out_dir)):
+        raise FileExistsError(f"{out_dir}/LibriSpeech holds {', '.join(foreign)} not made by this script (no "
+                              f"params.json); kept: pass --force to replace them")
     # params.json is removed first and written last, so an interrupted run is never taken as complete.
     if os.path.exists(params_path):
         os.remove(params_path)
