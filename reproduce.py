@@ -32,16 +32,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import OPEN_SECTIONS, ConfigError  # noqa: E402
+from common.config import ConfigError, comparable, config_changes  # noqa: E402
 
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
              "abl_pretrained_init"]
 # keys that do not change what a stage computes
 PIPELINES = ("bert_squad", "vit_imagenet", "wav2vec_librispeech")
-VOLATILE = {"overwrite_output_dir", "resume", "config_file", "interrupt_at_step"}
-
-
 def config_path(pipeline: str, scale: str, stage: str) -> Path:
     return ROOT / pipeline / "configs" / ("mini" if scale == "mini" else "") / f"{stage}.yaml"
 
@@ -70,23 +67,6 @@ def repeat_overrides(cfg: dict, k: int) -> list[str]:
             f"output_dir={cfg['output_dir']}{seed_suffix(k)}"]
 
 
-def comparable(cfg: dict) -> dict:
-    """The config as far as it decides the run: a key added to the configs later with a null default does not make
-    finished runs stale, nor does RUNS_DIR given once relative and once absolute (paths under it are compared
-    absolute)."""
-    runs = str(cfg.get("runs_dir") or "").rstrip("/")
-
-    def norm(v, drop_null=True):
-        # a null at any depth (dropout.step_at), but not in the open sections, where an absent key means the
-        # consumer's default (train.max_grad_norm 1.0, compression.sparsity 2:4), not null
-        if isinstance(v, dict):
-            return {k: norm(x, drop_null) for k, x in v.items() if x is not None or not drop_null}
-        if runs and isinstance(v, str) and (v == runs or v.startswith(runs + "/")):
-            return os.path.abspath(v)
-        return v
-    return {k: norm(v, k not in OPEN_SECTIONS) for k, v in cfg.items() if k not in VOLATILE and v is not None}
-
-
 def run_state(cfg: dict) -> str:
     """What the stage's run dir holds: "" (nothing), "done" (metrics.json, same config), "interrupted" (same config,
     no metrics.json yet: resumed, not restarted) or "other" (another config, unreadable, or built from an upstream
@@ -107,7 +87,7 @@ def inspect_run(cfg: dict) -> tuple[str, str]:
     if not isinstance(saved, dict):
         return "other", "its config.yaml is not a mapping"
     if comparable(saved) != comparable(cfg):
-        return "other", config_changes(saved, cfg)
+        return "other", f"made with another config ({config_changes(saved, cfg)})"
     try:
         own = read_metrics(run).get("date")
     except RunError as e:
@@ -132,21 +112,6 @@ def upstream_trained_since(cfg: dict, since: str) -> str:
         except (RunError, TypeError, ValueError):  # a damaged upstream run: the stage names it when it starts
             continue
     return ""
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def config_changes(saved: dict, cfg: dict, most: int = 3) -> str:
-    """How a run dir's config.yaml (`saved`) differs from `cfg` (the first keys), for the set-aside message."""
-    old, new = _flat(comparable(saved)), _flat(comparable(cfg))
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:most])
-    return f"made with another config ({shown}{'; ...' if len(keys) > most else ''})"
 
 
 def set_aside(run: Path) -> Path:

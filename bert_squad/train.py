@@ -145,7 +145,8 @@ def main(argv=None) -> dict:
     cfg = load_stage_config(a.config, a.overrides)
     for key in ("model_name_or_path", "tokenizer_name"):
         check_model_source(cfg, key)
-    out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False))
+    out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False), cfg.get("resume", False),
+                                 cfg)
     if is_main_process():
         save_config(cfg, out_dir / "config.yaml")
     torch.manual_seed(cfg["train"].get("seed", 42))

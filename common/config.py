@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import os
 import re
 from pathlib import Path
 
@@ -19,6 +20,8 @@ class ConfigError(ValueError):
 
 
 OPEN_SECTIONS = ("compression", "train")
+# how a stage is started, not what it computes: left out when two configs of a run are compared
+VOLATILE = {"overwrite_output_dir", "resume", "config_file", "interrupt_at_step"}
 
 
 def read_yaml_mapping(path: str | Path, error: type[ValueError] = ConfigError, what: str = "config file") -> dict:
@@ -216,3 +219,36 @@ def split_global_batch(global_batch: int, per_device: int, accum: int | None, wo
         raise ConfigError(f"{source} {global_batch} over {world} processes is {share} per process, not a multiple "
                           f"of the per-device batch {per_device}; change the per-device batch or set the accumulation")
     return per_device, share // per_device
+
+
+def comparable(cfg: dict) -> dict:
+    """The config as far as it decides the run: a key added to the configs later with a null default does not make
+    finished runs stale, nor does RUNS_DIR given once relative and once absolute (paths under it are compared
+    absolute)."""
+    runs = str(cfg.get("runs_dir") or "").rstrip("/")
+
+    def norm(v, drop_null=True):
+        # a null at any depth (dropout.step_at), but not in the open sections, where an absent key means the
+        # consumer's default (train.max_grad_norm 1.0, compression.sparsity 2:4), not null
+        if isinstance(v, dict):
+            return {k: norm(x, drop_null) for k, x in v.items() if x is not None or not drop_null}
+        if runs and isinstance(v, str) and (v == runs or v.startswith(runs + "/")):
+            return os.path.abspath(v)
+        return v
+    return {k: norm(v, k not in OPEN_SECTIONS) for k, v in cfg.items() if k not in VOLATILE and v is not None}
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, cfg: dict, most: int = 3) -> str:
+    """How a run dir's config.yaml (`saved`) differs from `cfg` as far as it decides the run (`comparable`), the
+    first `most` keys: "key: old -> new; ...", "" if not at all."""
+    old, new = flat(comparable(saved)), flat(comparable(cfg))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:most])
+    return shown + ("; ..." if len(keys) > most else "")

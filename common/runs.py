@@ -31,10 +31,12 @@ STARTUP_FILES = {"config.yaml", "vocab.json", "tokenizer_config.json", "special_
                  "preprocessor_config.json", "added_tokens.json", "processor_config.json"}
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False,
+                       cfg: dict | None = None) -> Path:
     """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently (a dir
-    holding only the STARTUP_FILES of a failed start excepted). Only rank 0 checks and clears it; other ranks of a
-    distributed run just use it."""
+    holding only the STARTUP_FILES of a failed start excepted). resume=true refuses a finished run (it would train
+    it again from the start) and, given the stage's `cfg`, names what differs from the run's config.yaml. Only
+    rank 0 checks and clears it; other ranks of a distributed run just use it."""
     path = Path(path)
     if not is_main_process():
         path.mkdir(parents=True, exist_ok=True)
@@ -43,11 +45,33 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
     if path.exists() and any(path.iterdir()) and not (overwrite or resume or failed_start):
         raise RunError(f"{path}: output directory exists and is not empty; pass overwrite_output_dir=true to "
                        f"replace it, or resume=true to continue its last checkpoint")
+    if resume and not overwrite:
+        check_resume(path, cfg)
     if overwrite and path.exists() and not resume:
         import shutil
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_resume(path: Path, cfg: dict | None) -> None:
+    """resume=true: not on a finished run; and say which of the stage's settings differ from the ones the run was
+    started with (per-device batch, world size and logging may change legitimately; the checkpoint's optimizer,
+    scheduler and clips come from the run either way)."""
+    if (path / "metrics.json").exists():
+        raise RunError(f"{path}: a finished run (metrics.json): resume=true has nothing to continue; pass "
+                       f"overwrite_output_dir=true to train it again, or another output_dir")
+    if cfg is None or not (path / "config.yaml").is_file():
+        return
+    from .config import ConfigError, config_changes, read_yaml_mapping
+    try:
+        saved = read_yaml_mapping(path / "config.yaml", RunError, "run config")
+    except (RunError, ConfigError) as e:
+        print(f"warning: resuming without comparing configs: {e}", file=sys.stderr, flush=True)
+        return
+    if changes := config_changes(saved, cfg, most=6):
+        print(f"warning: resuming {path} with settings other than its config.yaml's ({changes}); the checkpoint's "
+              f"optimizer, scheduler and clips are the run's", file=sys.stderr, flush=True)
 
 
 def find_model_file(run_dir: str | Path, what: str = "checkpoint") -> Path:

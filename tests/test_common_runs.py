@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from common.config import ConfigError
 from common.hf import check_model_source
@@ -79,3 +80,24 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
     with pytest.raises(RunError, match="exists and is not empty"):
         prepare_output_dir(run)
     assert (run / "model.safetensors").read_text() == "mine"
+
+
+def test_resume_refuses_a_finished_run_and_names_changed_settings(tmp_path, capsys):
+    """resume=true on a finished run would train it again from the start over its results: refused, the run kept.
+    On an interrupted one it goes on, and says which settings differ from those the run started with."""
+    run = tmp_path / "qat4"
+    run.mkdir()
+    cfg = {"stage": "qat4", "train": {"learning_rate": 3e-5, "per_device_train_batch_size": 4}, "resume": False}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.json").write_text('{"f1": 88.0}')
+    with pytest.raises(RunError, match="a finished run .metrics.json.: resume=true has nothing to continue"):
+        prepare_output_dir(run, resume=True, cfg=cfg)
+    assert (run / "metrics.json").read_text() == '{"f1": 88.0}'
+    assert prepare_output_dir(run, overwrite=True, resume=False) == run and not any(run.iterdir())  # when asked
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))  # interrupted: no metrics.json
+    prepare_output_dir(run, resume=True, cfg={**cfg, "resume": True})
+    assert capsys.readouterr().err == ""  # resume itself is not a setting of the run
+    prepare_output_dir(run, resume=True, cfg={**cfg, "train": {**cfg["train"], "learning_rate": 1.0}})
+    err = capsys.readouterr().err
+    assert "settings other than its config.yaml's (train.learning_rate: 3e-05 -> 1.0)" in err
+    assert (run / "config.yaml").exists()

@@ -154,6 +154,9 @@ def test_resume_is_bit_identical(chain, digits, tmp_path):
     ha = json.loads((tmp_path / "full" / "log_history.json").read_text())
     hb = json.loads((tmp_path / "part" / "log_history.json").read_text())
     assert ha == hb and len([h for h in ha if "loss" in h]) == 6
+    with pytest.raises(RunError, match="a finished run"):  # it would train it again from the start
+        train("qat4", runs, digits, *common, f"output_dir={tmp_path / 'full'}", "resume=true")
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
 
 
 def test_missing_init_checkpoint(chain, digits, tmp_path):

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from common import ScheduledDropout, compression_summary  # noqa: E402
 from common.pact import clip_state_as_1d, fix_one_sided_clips  # noqa: E402
 from common.config import ConfigError, save_config, split_global_batch, stage_argv  # noqa: E402
-from common.runs import (RunError, cli, find_model_file, prepare_output_dir, save_weight_sample,  # noqa: E402
-                         stage_metrics, write_json)
+from common.runs import (RunError, check_resume, cli, find_model_file, prepare_output_dir,  # noqa: E402
+                         save_weight_sample, stage_metrics, write_json)
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
 from vit_imagenet.pipeline import (PIPELINE, Dist, ResumableSampler, build_data, calibration_batches,  # noqa: E402
@@ -173,9 +173,11 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
     # every rank checks (so that none waits at a barrier for a rank that refused); rank 0 creates/cleans
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume_flag):
         prepare_output_dir(out_dir, overwrite, resume_flag)  # raises RunError naming the dir and the fix
+    if resume_flag and not overwrite:
+        check_resume(out_dir, None)  # raises on a finished run
     d.barrier()
     if d.main:
-        prepare_output_dir(out_dir, overwrite, resume_flag)
+        prepare_output_dir(out_dir, overwrite, resume_flag, cfg)
         save_config(cfg, out_dir / "config.yaml")
     d.barrier()
     logfile = out_dir / "train.log" if d.main else None

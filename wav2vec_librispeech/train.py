@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
     with args.main_process_first(local=False, desc="run dir and data"):
         if args.process_index == 0:
             out_dir = prepare_output_dir(cfg["output_dir"], cfg.get("overwrite_output_dir", False),
-                                         cfg.get("resume", False))
+                                         cfg.get("resume", False), cfg)
             save_config(cfg, out_dir / "config.yaml")
         out_dir = Path(cfg["output_dir"])
         train_ds, eval_sets, info = load_data(cfg)
