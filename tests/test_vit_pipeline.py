@@ -125,6 +125,14 @@ def test_eval_reproduces_metrics(chain, tmp_path):
     assert again["date"] == saved["date"] and again["eval_date"] >= saved["date"]  # when it trained, kept
     assert again["stage_wall_s"] == saved["stage_wall_s"]
     assert (tmp_path / "predictions.csv").read_text() == (base / "qat4" / "predictions.csv").read_text()
+    again = vit_eval.main([str(base / "qat4"), "--out_dir", str(tmp_path), "data.eval_batch_size=7"])  # as eval.sh
+    assert again["top1"] == saved["top1"]  # shows it: the overrides after the options; the same run's eval redone
+    sparse = json.loads((base / "sparse" / "metrics.json").read_text())
+    with pytest.raises(RunError, match=f"--out_dir {base / 'sparse'} is a run dir of its own"):
+        vit_eval.main([str(base / "qat4"), "--out_dir", str(base / "sparse")])
+    with pytest.raises(RunError, match=f"--out_dir {tmp_path} holds the metrics.json of .*qat4, not of "):
+        vit_eval.main([str(base / "sparse"), "--out_dir", str(tmp_path)])
+    assert json.loads((base / "sparse" / "metrics.json").read_text()) == sparse
     # a --data_dir is the user's: a wrong one is an error, never filled with the mini digits
     with pytest.raises(Exception, match="nope"):
         vit_eval.main([str(base / "qat4"), "--data_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])

@@ -48,6 +48,18 @@ def load_run_model(run_dir: Path, cfg: dict) -> torch.nn.Module:
     return model
 
 
+def check_eval_out_dir(out_dir: Path, run_dir: Path) -> None:
+    """An --out_dir other than the run's gets metrics.json and predictions.csv: not into another run dir, nor
+    over another run's evaluation."""
+    if (out_dir / "config.yaml").exists():
+        raise RunError(f"--out_dir {out_dir} is a run dir of its own (config.yaml); its metrics.json and "
+                       f"predictions would be replaced: choose another --out_dir")
+    evaluated = read_metrics(out_dir).get("evaluated_run")
+    if (out_dir / "metrics.json").exists() and evaluated != str(run_dir.resolve()):
+        raise RunError(f"--out_dir {out_dir} holds the metrics.json of {evaluated or 'something else'}, not of "
+                       f"{run_dir}: choose another --out_dir")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a vit_imagenet run dir (config.yaml + model.safetensors)")
@@ -55,13 +67,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out_dir", default=None, help="where metrics.json and predictions.csv go (default RUN_DIR)")
     ap.add_argument("overrides", nargs="*",
                     help="key=value overrides of the run's config (e.g. data.eval_batch_size=64)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides after the options too, as eval.sh's usage shows them
     t0 = time.time()
     run_dir = Path(a.run_dir)
     check_run_of(run_dir, PIPELINE)
     out_dir = Path(a.out_dir) if a.out_dir else run_dir
-    # read first (a damaged one stops us before the evaluation): the output dir's own, else the run's
-    prev = read_metrics(out_dir) or read_metrics(run_dir)
+    prev = read_metrics(run_dir)  # read first: a damaged one stops us before the evaluation
+    if out_dir.resolve() != run_dir.resolve():
+        check_eval_out_dir(out_dir, run_dir)
     overrides = list(a.overrides) + ([f"data.data_dir={a.data_dir}", "data.make_mini_digits=false"]
                                      if a.data_dir else [])
     cfg = load_config(run_dir / "config.yaml", overrides)
@@ -79,7 +92,8 @@ def main(argv=None) -> dict:
         if d.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             extra = {"top1": ev["top1"], "top5": ev["top5"], "eval_loss": ev["loss"], "eval_samples": ev["samples"],
-                     "evaluated_by": "vit_imagenet.eval", "eval_data_dir": cfg["data"]["data_dir"]}
+                     "evaluated_by": "vit_imagenet.eval", "evaluated_run": str(run_dir.resolve()),
+                     "eval_data_dir": cfg["data"]["data_dir"]}
             out = reevaluated(prev, stage_metrics(stage_cfg_for_metrics(cfg), model, PIPELINE, "top1", True, extra))
             write_json(out_dir / "metrics.json", out)
             write_predictions(out_dir / "predictions.csv", ev, data)
