@@ -314,6 +314,14 @@ def overrides_for(pipeline: str, stage: str, given: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
+    cwd = os.getcwd()
+    try:
+        return _main(argv)
+    finally:
+        os.chdir(cwd)  # main() also runs in-process (tests)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=["mini", "paper"], default="mini")
     ap.add_argument("--runs-dir", default=os.environ.get("RUNS_DIR") or "runs",
@@ -353,6 +361,9 @@ def main(argv=None) -> int:
     isolate = bool(a.isolate)
     # absolute: stages in subprocesses (ISOLATE, NPROC) run in the repository root, this check in the caller's dir
     a.runs_dir, a.results_dir = os.path.abspath(a.runs_dir), os.path.abspath(a.results_dir)
+    # and every stage runs there, in this process too: the configs' relative paths (data/, the mini wav2vec2
+    # model) and relative paths in --set values are the repository's, wherever this is called from
+    os.chdir(ROOT)
     os.environ["RUNS_DIR"] = a.runs_dir
     # (pipeline, stage, its --set overrides) of every stage this call runs, checked before anything runs
     todo = [(p, s, overrides_for(p, s, a.set)) for p in pipelines for s in stages_of(p, a.scale, bool(a.quick))]

@@ -6,7 +6,12 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 pipeline="${1:?usage: run_stage.sh PIPELINE STAGE [key=value ...]}"; shift
 stage="${1:?usage: $pipeline/train.sh STAGE [key=value ...]}"; shift
-cfgdir="$root/$pipeline/configs"; [ "${SCALE:-paper}" = mini ] && cfgdir="$cfgdir/mini"
+cfgdir="$root/$pipeline/configs"
+case "${SCALE:-paper}" in
+  mini) cfgdir="$cfgdir/mini" ;;
+  paper) ;;
+  *) echo "$pipeline/train.sh: SCALE must be mini or paper, got '$SCALE'" >&2; exit 2 ;;
+esac
 [ -f "$cfgdir/$stage.yaml" ] || { echo "$pipeline/train.sh: no config $cfgdir/$stage.yaml" >&2; exit 2; }
 py="$root/.venv/bin/python"; [ -x "$py" ] || py=python3
 cd "$root"

@@ -377,6 +377,11 @@ def test_a_relative_runs_dir_means_the_same_dirs_to_the_stage_processes(tmp_path
     stages, tables = seen[:-1], seen[-1]
     assert len(stages) == 4 and all(env == str(tmp_path / "rel") for _, env, _ in stages)
     assert tables[0][-3:] == [str(tmp_path / "rel"), "--out", str(tmp_path / "res")]
+    in_process = []  # and stages run in this process run in the repository root too
+    monkeypatch.setattr(reproduce, "call_main", lambda *a: in_process.append(os.getcwd()) or 0)
+    assert reproduce.main(["--runs-dir", "rel2", "--results-dir", "res", "--quick", "1", "--pipelines",
+                           "vit_imagenet"]) == 0
+    assert in_process == [str(reproduce.ROOT)] * 4 and os.getcwd() == str(tmp_path)
 
 
 def test_set_aside_twice_in_a_second_keeps_both(tmp_path):

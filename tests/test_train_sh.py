@@ -17,6 +17,13 @@ def test_missing_stage_config_is_named(pipeline, scale):
     assert r.returncode == 2 and f"{pipeline}/train.sh: no config {cfg}" in r.stderr
 
 
+def test_an_unknown_scale_is_named():
+    """SCALE=Mini is not paper scale (it ran the paper configs on the mini machine)."""
+    r = subprocess.run(["bash", str(ROOT / "vit_imagenet" / "train.sh"), "fp"], capture_output=True, text=True,
+                       env={**os.environ, "SCALE": "Mini"})
+    assert r.returncode == 2 and "vit_imagenet/train.sh: SCALE must be mini or paper, got 'Mini'" in r.stderr
+
+
 @pytest.mark.parametrize("torchrun_args", [None, "", "--nnodes 2 --node_rank 0 --master_addr node0 --master_port 1"])
 def test_nproc_launches_torchrun_like_reproduce(tmp_path, monkeypatch, torchrun_args):
     """NPROC=N train.sh runs the command reproduce.py runs for NPROC=N, with TORCHRUN_ARGS' flags. Without them,
