@@ -76,9 +76,10 @@ def _existing_dir(cfg: dict, key: str, value) -> Path:
 def _load_checkpoint(model: nn.Module, src: Path, what: str):
     """Load a run dir's weights into the unprepared `model`; -> (weights as loaded, {linear name: mask}). A run
     prepared with the recipe in its config.yaml (a previous stage) has its Conv1D weights turned back."""
-    import yaml
+    from .config import read_yaml_mapping
     saved = src / "config.yaml"
-    recipe = stage_recipe(yaml.safe_load(saved.read_text()) or {}) if src.is_dir() and saved.is_file() else None
+    recipe = stage_recipe(read_yaml_mapping(saved, RunError, "run config")) if src.is_dir() and saved.is_file() \
+        else None
     state, masks = split_state(conv1d_as_unprepared(model, load_state(src, what), recipe))
     load_into(model, state, str(src))
     return state, masks
@@ -130,14 +131,13 @@ def build_distiller(cfg: dict, build_model: Callable[[], nn.Module]) -> Distilla
 def load_hf_run(run_dir, build_from_dir: Callable[[Path], nn.Module], overrides: list[str] | None = None):
     """(cfg, model) of a finished Hugging Face run: architecture from its config.json (via `build_from_dir`),
     prepared with the recipe in its config.yaml, weights loaded strictly from its model file."""
-    import yaml
-    from .config import _merge, parse_overrides
+    from .config import _merge, parse_overrides, read_yaml_mapping
     from .prepare import prepare
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg = read_yaml_mapping(cfg_file, RunError, "run config")
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "command line")
     if not (run_dir / "config.json").exists():

@@ -68,6 +68,18 @@ def test_hf_run_dir_missing_a_real_key_names_the_file(tmp_path, eager_quantizers
         load_hf_run(run)
 
 
+def test_a_damaged_run_config_is_named(tmp_path, eager_quantizers):
+    """As the evaluation of the run and as the run a stage starts from (init_from)."""
+    from common.export import load_hf_run
+    run, _, _ = _hf_run(tmp_path, "gpt2")
+    (run / "config.yaml").write_text("compression: [unclosed\n")
+    with pytest.raises(RunError, match=f"{run / 'config.yaml'}: not valid YAML"):
+        load_hf_run(run)
+    with pytest.raises(RunError, match=f"{run / 'config.yaml'}: not valid YAML"):
+        build_stage_model({"init_from": str(run), "compression": common.Recipe().to_dict(), "config_file": "s.yaml",
+                           "kd": {"enabled": False}}, _gpt2, None, do_calibrate=False)
+
+
 # stage 1 recipes: 2:4 masks, and weight-only 4-bit (no mask, no input quantizer: only the recipe in the run's
 # config.yaml says the square attn.c_proj was transposed)
 STAGE1 = {"sparse": common.Recipe(w_bits=32, a_bits=32, quantize_attention=False),
