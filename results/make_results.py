@@ -1077,9 +1077,21 @@ def own_plot(name: str, scales: set, pipelines: set) -> bool:
 
 
 # --------------------------------------------------------------------- main ---
+TABLES = ("main_table", "ablations", "seeds")  # each written as .md and .csv
+
+
+def own_outputs(out: Path) -> list[str]:
+    """The files in `out` with the names this script writes whatever the runs (README.md, the tables, the two
+    summary plots)."""
+    names = {"README.md", "plot_metric_vs_compression.png", "plot_ablations.png",
+             *(f"{t}.{ext}" for t in TABLES for ext in ("md", "csv"))}
+    return sorted(p.name for p in out.iterdir() if p.name in names)
+
+
 def check_out(out: Path) -> None:
-    """--out is a folder, or does not exist yet and is created; a file in its place is never replaced, nor a
-    README.md this script did not write (`--out .` at the repository root would replace the project's)."""
+    """--out is a folder, or does not exist yet and is created; a file in its place is never replaced, nor files
+    of this script's names in a folder whose README.md it did not write (`--out .` at the repository root would
+    replace the project's README; a user's folder may hold a main_table.md of their own)."""
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
@@ -1094,6 +1106,10 @@ def check_out(out: Path) -> None:
         if not ours:
             raise InputError(f"--out {out}: {readme} was not written by make_results.py and would be replaced; "
                              "give another --out, or move that file")
+    elif out.is_dir() and (theirs := own_outputs(out)):
+        raise InputError(f"--out {out} holds {', '.join(theirs[:4])}{', ...' if len(theirs) > 4 else ''} but no "
+                         "README.md written by make_results.py (the mark of its folders): they would be replaced; "
+                         "give another --out, or move them")
 
 
 def read_template(path: Path) -> str:

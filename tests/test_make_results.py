@@ -381,6 +381,11 @@ def test_out_keeps_the_files_make_results_did_not_write(runs, tmp_path, capsys):
     assert make_results.main([str(runs), "--out", str(out)]) == 2
     assert "README.md was not written by make_results.py" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["README.md"]
+    (out / "README.md").unlink()  # a table of the user's own, and no README.md: stops the call too
+    (out / "main_table.md").write_text("FIXTURE: the user's own table\n")
+    assert make_results.main([str(runs), "--out", str(out)]) == 2
+    assert "holds main_table.md but no README.md written by make_results.py" in capsys.readouterr().err
+    assert (out / "main_table.md").read_text() == "FIXTURE: the user's own table\n"
     (out / "README.md").write_text(f"{GENERATED_MARK}\nFIXTURE earlier README.md\n")
     for name in ("plot_training_curves_my_experiment.png", "plot_weight_histogram_final_v2.png",
                  "plot_training_curves_mini_vit_imagenet.png"):  # the last: of a pipeline with no usable run
