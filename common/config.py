@@ -61,8 +61,21 @@ def _merge(base: dict, over: dict, source: str, prefix: str = "", strict: bool =
             # HF TrainingArguments that `train` is passed to)
             out[k] = _merge(base[k], v, source, key + ".", strict and k not in OPEN_SECTIONS)
         else:
+            _check_type(base.get(k), v, source, key)
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _check_type(default, v, source: str, key: str) -> None:
+    """A number or a boolean where the base config has one (or null): `train.lr=abc` stops the call here, naming
+    the key, not hours later inside the optimizer, or never (a string 'false' is true)."""
+    if v is None or default is None:
+        return
+    if isinstance(default, bool) and not isinstance(v, bool):
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {v!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+            isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ConfigError(f"{source}: '{key}' must be a number (the base config has {default!r}), got {v!r}")
 
 
 def load_yaml_config(path: str | Path) -> dict:

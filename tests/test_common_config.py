@@ -1,5 +1,7 @@
 """common.config.split_global_batch: the per-device batch and accumulation that keep a stage's global batch on any
 number of processes (the paper's 12 / 32 / 512), and clear errors where it cannot be kept."""
+import re
+
 import pytest
 
 from common.config import ConfigError, split_global_batch
@@ -45,3 +47,19 @@ def test_overrides_merge_in_order_and_refuse_a_key_under_a_null():
     with pytest.raises(ConfigError, match="an earlier override sets 'compression' to None, so "
                                           "'compression.w_bits=...' has nothing to change"):
         parse_overrides(["compression=null", "compression.w_bits=8"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.seed=abc", "'train.seed' must be a number (the base config has 42), got 'abc'"),
+    ("kd.lambda=[1]", "'kd.lambda' must be a number (the base config has 0.5), got [1]"),
+    ("train.max_steps=true", "'train.max_steps' must be a number"),
+    ("kd.enabled=maybe", "'kd.enabled' must be true or false, got 'maybe'")])
+def test_a_value_of_the_wrong_type_is_named(override, message):
+    """Where the base config holds a number or a boolean, another type stops the loading (reproduce checks every
+    stage up front with it) instead of failing inside the optimizer hours later, or never ('false' is true)."""
+    from reproduce import resolved
+    with pytest.raises(ConfigError, match=re.escape(f"command line: {message}")):
+        resolved("bert_squad", "mini", "qat4", [override])
+    cfg = resolved("bert_squad", "mini", "qat4", ["train.seed=7", "kd.lambda=1", "train.max_steps=null",
+                                                  "kd.enabled=false", "train.learning_rate=1e-4"])
+    assert (cfg["train"]["seed"], cfg["kd"]["lambda"], cfg["kd"]["enabled"]) == (7, 1, False)
