@@ -351,6 +351,9 @@ def _main(argv=None) -> int:
         prefix, kv = split_override(o)
         if "=" not in kv:
             ap.error(f"--set {o}: expected [PIPELINE[/STAGE]:]KEY=VALUE")
+        if kv.split("=", 1)[0].strip() == "output_dir" and (prefix is None or "/" not in prefix):
+            ap.error(f"--set {o}: every stage needs a run dir of its own (one would set the next aside): give it "
+                     f"per stage, PIPELINE/STAGE:output_dir=DIR, or move them all with RUNS_DIR")
         if prefix is None:
             continue
         pipe, _, stage = prefix.partition("/")
