@@ -361,6 +361,9 @@ def _main(argv=None) -> int:
             ap.error(f"--set {o}: unknown pipeline {pipe!r}; choose from {', '.join(PIPELINES)}")
         if stage and not config_path(pipe, a.scale, stage).is_file():
             ap.error(f"--set {o}: {prefix} has no config at scale {a.scale}")
+    for flag, path in (("--runs-dir", a.runs_dir), ("--results-dir", a.results_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            ap.error(f"{flag} {path} is a file, not a folder")
     isolate = bool(a.isolate)
     # absolute: stages in subprocesses (ISOLATE, NPROC) run in the repository root, this check in the caller's dir
     a.runs_dir, a.results_dir = os.path.abspath(a.runs_dir), os.path.abspath(a.results_dir)

@@ -13,6 +13,8 @@ import os
 import datasets
 from datasets import List, Value
 
+from common.runs import DataError
+
 SQUAD_FEATURES = datasets.Features({
     "id": Value("string"), "title": Value("string"), "context": Value("string"),
     "question": Value("string"),
@@ -36,7 +38,7 @@ def minilm_path():
 def _read_json(path):
     """Parse a .json file or JSON Lines; errors name the file."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: SQuAD file not found")
+        raise DataError(f"{path}: SQuAD file not found")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -45,7 +47,7 @@ def _read_json(path):
         try:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: not valid JSON or JSON Lines ({err})") from None
+            raise DataError(f"{path}: not valid JSON or JSON Lines ({err})") from None
 
 
 def _is_record(x):
@@ -64,7 +66,7 @@ def _detect(path, obj):
         return "flat", [obj]  # a one-line JSON Lines file
     elif isinstance(obj, list) and obj and all(_is_record(r) for r in obj):
         return "flat", obj
-    raise ValueError(
+    raise DataError(
         f"{path}: wrong structure: expected official SQuAD JSON ({{'data': [{{'title', 'paragraphs': [...]}}]}}) "
         f"or a non-empty list of records with 'question' and 'context', got top-level {type(obj).__name__}")
 
@@ -74,28 +76,28 @@ def _iter_questions(path, layout, items):
     if layout != "nested":
         for i, r in enumerate(items):
             if "id" not in r or not isinstance(r["question"], str) or not isinstance(r["context"], str):
-                raise ValueError(f"{path}: record #{i} (id={r.get('id')}): needs 'id' and string 'question'/'context'")
+                raise DataError(f"{path}: record #{i} (id={r.get('id')}): needs 'id' and string 'question'/'context'")
             yield r["id"], r["context"], _answers_of(path, r["id"], r)
         return
     for a_i, article in enumerate(items):
         paragraphs = article["paragraphs"]
         if not isinstance(paragraphs, list):
-            raise ValueError(f"{path}: article #{a_i}: 'paragraphs' must be a list")
+            raise DataError(f"{path}: article #{a_i}: 'paragraphs' must be a list")
         for p_i, para in enumerate(paragraphs):
             if not (isinstance(para, dict) and isinstance(para.get("context"), str)
                     and isinstance(para.get("qas"), list)):
-                raise ValueError(f"{path}: article #{a_i} paragraph #{p_i}: needs a 'context' string and a 'qas' list")
+                raise DataError(f"{path}: article #{a_i} paragraph #{p_i}: needs a 'context' string and a 'qas' list")
             for q_i, qa in enumerate(para["qas"]):
                 qid = qa.get("id", f"article{a_i}/paragraph{p_i}/#{q_i}") if isinstance(qa, dict) else f"#{q_i}"
                 if not (isinstance(qa, dict) and "id" in qa and isinstance(qa.get("question"), str)):
-                    raise ValueError(f"{path}: question id={qid}: needs 'id' and 'question'")
+                    raise DataError(f"{path}: question id={qid}: needs 'id' and 'question'")
                 yield qid, para["context"], _answers_of(path, qid, qa)
 
 
 def _answers_of(path, qid, rec):
     """Answers of one record as [(text, start)], accepting list-of-dicts or dict-of-lists."""
     if "answers" not in rec:
-        raise ValueError(f"{path}: question id={qid}: missing 'answers'")
+        raise DataError(f"{path}: question id={qid}: missing 'answers'")
     ans = rec["answers"]
     try:
         if isinstance(ans, dict):
@@ -103,26 +105,26 @@ def _answers_of(path, qid, rec):
         else:
             pairs = [(a["text"], a["answer_start"]) for a in ans]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path}: question id={qid}: 'answers' must hold 'text' and 'answer_start' "
-                         f"of equal length, got {ans!r}") from None
+        raise DataError(f"{path}: question id={qid}: 'answers' must hold 'text' and 'answer_start' "
+                        f"of equal length, got {ans!r}") from None
     return pairs
 
 
 def validate_questions(path, questions, require_answers):
-    """Check every (id, context, answers) triple; raise ValueError naming file and question id."""
+    """Check every (id, context, answers) triple; raise DataError naming file and question id."""
     n = 0
     for qid, context, answers in questions:
         n += 1
         if require_answers and not answers:
-            raise ValueError(f"{path}: question id={qid}: empty 'answers' (every training question needs one)")
+            raise DataError(f"{path}: question id={qid}: empty 'answers' (every training question needs one)")
         for text, start in answers:
             if not isinstance(start, int) or isinstance(start, bool) or not isinstance(text, str):
-                raise ValueError(f"{path}: question id={qid}: answer_start must be an int and text a string")
+                raise DataError(f"{path}: question id={qid}: answer_start must be an int and text a string")
             if context[start:start + len(text)] != text:
-                raise ValueError(f"{path}: question id={qid}: answer {text!r} is not at answer_start={start} "
-                                 f"(context there reads {context[start:start + len(text)]!r})")
+                raise DataError(f"{path}: question id={qid}: answer {text!r} is not at answer_start={start} "
+                                f"(context there reads {context[start:start + len(text)]!r})")
     if n == 0:
-        raise ValueError(f"{path}: no questions")
+        raise DataError(f"{path}: no questions")
     return n
 
 
@@ -173,7 +175,7 @@ def load_squad(dataset_name="squad", train_file=None, validation_file=None, cach
     """SQuAD v1.1 as DatasetDict(train, validation) with flat hub-style columns.
 
     With no files, loads `dataset_name` from the HF hub (needs internet). With files, loads only the
-    splits given. Raises ValueError naming the file and question id on malformed data.
+    splits given. Raises DataError (a ValueError) naming the file and question id on malformed data.
     """
     if train_file is None and validation_file is None:
         raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)

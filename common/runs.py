@@ -20,6 +20,10 @@ class RunError(ValueError):
     pass
 
 
+class DataError(RunError):
+    """A data file that cannot be used (unreadable, malformed); the message names the file."""
+
+
 def is_main_process() -> bool:
     """Rank 0 (or not distributed): the process that writes files. Read from torchrun's environment."""
     return int(os.environ.get("RANK", "0")) == 0

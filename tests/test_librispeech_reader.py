@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from common.runs import DataError
 from wav2vec_librispeech.librispeech import (export_rows, filter_by_duration, length_grouped_batches,
                                              load_audio, read_librispeech)
 
@@ -75,7 +76,7 @@ def test_flac_without_transcript_line(tmp_path):
 def test_malformed_transcript_line(tmp_path, bad):
     d = _make_tree(tmp_path)["84"]
     (d / "84-121123.trans.txt").write_text(f"84-121123-0000 HELLO WORLD\n{bad}\n")
-    with pytest.raises(ValueError, match=r"84-121123\.trans\.txt:2: malformed"):
+    with pytest.raises(DataError, match=r"84-121123\.trans\.txt:2: malformed"):  # a RunError: one line (cli)
         read_librispeech(tmp_path, "dev-clean")
 
 

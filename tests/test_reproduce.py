@@ -214,6 +214,10 @@ def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
     assert all("data_dir=/x does not exist" in p or "augreg_in21k_ft_in1k" in p for p in quick)
     with pytest.raises(SystemExit):
         reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", "vit:train.seed=1"])
+    (tmp_path / "a_file").write_text("mine")
+    for flag in ("--runs-dir", "--results-dir"):
+        with pytest.raises(SystemExit):
+            reproduce.main([flag, str(tmp_path / "a_file"), "--pipelines", "vit_imagenet"])
     for bad in ("train.seed", "vit_imagenet/nostage:train.seed=1", "output_dir=/x", "vit_imagenet:output_dir=/x"):
         with pytest.raises(SystemExit):
             reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", bad])

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from bert_squad import make_mini_squad as mms
 from bert_squad.squad_data import load_squad, minilm_path, references
+from common.runs import DataError
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def _nested(answers, context="Ana lives in Lyon."):
 def test_malformed_files_raise(tmp_path, content, split, problem):
     path = tmp_path / "bad.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:  # a RunError: the scripts end with this one line (common.runs.cli)
         load_squad(**{f"{split}_file": str(path)}, cache_dir=str(tmp_path / "cache"))
     assert str(path) in str(err.value) and problem in str(err.value)
     if "answer" in problem:

@@ -20,6 +20,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from common.runs import DataError
+
 log = logging.getLogger(__name__)
 _UTT_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 
@@ -47,16 +49,16 @@ def find_split_dir(root, split) -> str:
     for c in candidates:
         if os.path.isdir(c):
             return c
-    raise ValueError(f"split folder {split!r} not found; tried: {', '.join(candidates)}")
+    raise DataError(f"split folder {split!r} not found; tried: {', '.join(candidates)}")
 
 
 def _audio_info(path):
     try:
         info = sf.info(path)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError depending on version
-        raise ValueError(f"unreadable audio file {path}: {e}") from e
+        raise DataError(f"unreadable audio file {path}: {e}") from e
     if info.frames <= 0:
-        raise ValueError(f"empty audio file {path}")
+        raise DataError(f"empty audio file {path}")
     return info.frames, info.samplerate
 
 
@@ -83,14 +85,14 @@ def _parse_transcripts(split_dir):
                     parts = line.split(" ", 1)
                     m = _UTT_ID.match(parts[0])
                     if len(parts) != 2 or not parts[1].strip() or not m or (m[1], m[2]) != (spk, chap):
-                        raise ValueError(f"{trans}:{lineno}: malformed transcript line {line!r} "
-                                         f"(expected '{spk}-{chap}-<n> TRANSCRIPT')")
+                        raise DataError(f"{trans}:{lineno}: malformed transcript line {line!r} "
+                                        f"(expected '{spk}-{chap}-<n> TRANSCRIPT')")
                     uid = parts[0]
                     if uid in found:
-                        raise ValueError(f"{trans}:{lineno}: duplicate utterance id {uid}")
+                        raise DataError(f"{trans}:{lineno}: duplicate utterance id {uid}")
                     flac = os.path.join(chap_dir, uid + ".flac")
                     if not os.path.isfile(flac):
-                        raise ValueError(f"{trans}:{lineno}: no audio file {flac} for utterance {uid}")
+                        raise DataError(f"{trans}:{lineno}: no audio file {flac} for utterance {uid}")
                     found[uid] = (flac, " ".join(parts[1].split()))
     return found
 
@@ -104,7 +106,7 @@ def filter_by_duration(utts, max_seconds):
 
 
 def read_librispeech(root, split, max_seconds=None):
-    """List of Utterance for ``split``, sorted by id.  Raises ValueError naming the offending file.
+    """List of Utterance for ``split``, sorted by id.  Raises DataError (a ValueError) naming the offending file.
 
     Utterances longer than ``max_seconds`` are dropped and the count is logged at WARNING level
     (call ``filter_by_duration`` yourself if you need the number).
@@ -115,9 +117,9 @@ def read_librispeech(root, split, max_seconds=None):
     for dirpath, _, files in os.walk(split_dir):
         for name in sorted(files):
             if name.endswith(".flac") and name[:-5] not in found:
-                raise ValueError(f"audio file {os.path.join(dirpath, name)} has no transcript line")
+                raise DataError(f"audio file {os.path.join(dirpath, name)} has no transcript line")
     if not found:
-        raise ValueError(f"no transcripts (*.trans.txt) found under {split_dir}")
+        raise DataError(f"no transcripts (*.trans.txt) found under {split_dir}")
     utts = []
     for uid in sorted(found):
         path, text = found[uid]
@@ -134,7 +136,7 @@ def load_audio(path, target_sr=16000) -> np.ndarray:
     try:
         x, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        raise ValueError(f"unreadable audio file {path}: {e}") from e
+        raise DataError(f"unreadable audio file {path}: {e}") from e
     x = x.mean(axis=1)
     if sr != target_sr:
         g = gcd(int(sr), int(target_sr))
