@@ -32,8 +32,9 @@ class AttentionQuantizers(nn.Module):
         self.q = ActQuantizer(bits, method, zero_preserving)
         self.k = ActQuantizer(bits, method, zero_preserving)
         self.v = ActQuantizer(bits, method, zero_preserving)
-        # probabilities are in [0, 1]: one-sided, and exact zeros (masked keys) stay zero on any grid
-        self.p = ActQuantizer(prob_bits, prob_method or method, zero_preserving, signed=False, init_range=(0.0, 1.0))
+        # probabilities are in [0, 1]: one-sided, and exact zeros (masked keys) stay zero on any grid; 32 bits: off
+        self.p = ActQuantizer(prob_bits, prob_method or method, zero_preserving, signed=False,
+                              init_range=(0.0, 1.0)) if prob_bits < 32 else None
 
 
 def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants: AttentionQuantizers | None,
@@ -54,7 +55,7 @@ def attention_core(q, k, v, additive_mask, scaling, dropout_p, training, quants:
     if additive_mask is not None:
         scores = scores + additive_mask
     probs = scores.softmax(dim=-1)
-    if quants is not None:
+    if quants is not None and quants.p is not None:
         probs = quants.p(probs)
     probs = fast_dropout(probs, dropout_p, training)
     return torch.matmul(probs, v), probs

@@ -200,6 +200,14 @@ def test_softmax_output_quantizer_is_a_recipe_choice():
         assert all(m.attn_quant.q.method == "pact" for m in model.modules() if hasattr(m, "attn_quant"))
         clips[which] = [p.hi.item() for p in ps]
     assert all(pct < mx <= 1.0 for pct, mx in zip(clips[None], clips["minmax"]))
+    # 32 bits: the probabilities stay as they are (as 32 means off for w_bits and a_bits), in prepare and export
+    torch.manual_seed(0)
+    model = common.prepare(tiny_bert_qa(), common.Recipe(attn_prob_bits=32))
+    assert all(m.attn_quant.p is None for m in model.modules() if hasattr(m, "attn_quant"))
+    batch = bert_batch()
+    common.calibrate(model, [batch])
+    ref = model.eval()(**batch).start_logits
+    torch.testing.assert_close(common.convert(model)(**batch).start_logits, ref, rtol=0, atol=0)
     with pytest.raises(RecipeError, match="attn_prob_quantizer"):
         common.Recipe(attn_prob_quantizer="lsq")
 
