@@ -66,16 +66,26 @@ def _merge(base: dict, over: dict, source: str, prefix: str = "", strict: bool =
     return out
 
 
+# keys whose consumer takes a boolean or a string (ViT's train.amp: false | bf16 | fp16)
+BOOL_OR_STRING = {"train.amp"}
+
+
 def _check_type(default, v, source: str, key: str) -> None:
-    """A number or a boolean where the base config has one (or null): `train.lr=abc` stops the call here, naming
-    the key, not hours later inside the optimizer, or never (a string 'false' is true)."""
+    """A number where the base config has one (false, 0 to the consumer, passes), a boolean where it has one:
+    `train.lr=abc` stops the call here, naming the key, not hours later inside the optimizer, or never (a string
+    'false' is true). Null passes both ways."""
     if v is None or default is None:
         return
-    if isinstance(default, bool) and not isinstance(v, bool):
+    if isinstance(default, bool) and not isinstance(v, bool) and not (key in BOOL_OR_STRING and isinstance(v, str)):
         raise ConfigError(f"{source}: '{key}' must be true or false, got {v!r}")
-    if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-            isinstance(v, bool) or not isinstance(v, (int, float))):
-        raise ConfigError(f"{source}: '{key}' must be a number (the base config has {default!r}), got {v!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(v, (int, float)):
+        hint = ""
+        try:
+            float(v)
+            hint = " (YAML 1.1 reads a number like 1e-4 as text: write 1.0e-4)"
+        except (TypeError, ValueError):
+            pass
+        raise ConfigError(f"{source}: '{key}' must be a number (the base config has {default!r}), got {v!r}{hint}")
 
 
 def load_yaml_config(path: str | Path) -> dict:

@@ -1,10 +1,11 @@
 """common.config.split_global_batch: the per-device batch and accumulation that keep a stage's global batch on any
 number of processes (the paper's 12 / 32 / 512), and clear errors where it cannot be kept."""
 import re
+from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, split_global_batch
+from common.config import ConfigError, load_config, split_global_batch
 
 
 @pytest.mark.parametrize("glob, per_device, world, expected", [
@@ -52,7 +53,7 @@ def test_overrides_merge_in_order_and_refuse_a_key_under_a_null():
 @pytest.mark.parametrize("override,message", [
     ("train.seed=abc", "'train.seed' must be a number (the base config has 42), got 'abc'"),
     ("kd.lambda=[1]", "'kd.lambda' must be a number (the base config has 0.5), got [1]"),
-    ("train.max_steps=true", "'train.max_steps' must be a number"),
+    ("train.max_steps=[3]", "'train.max_steps' must be a number"),
     ("kd.enabled=maybe", "'kd.enabled' must be true or false, got 'maybe'")])
 def test_a_value_of_the_wrong_type_is_named(override, message):
     """Where the base config holds a number or a boolean, another type stops the loading (reproduce checks every
@@ -63,3 +64,16 @@ def test_a_value_of_the_wrong_type_is_named(override, message):
     cfg = resolved("bert_squad", "mini", "qat4", ["train.seed=7", "kd.lambda=1", "train.max_steps=null",
                                                   "kd.enabled=false", "train.learning_rate=1e-4"])
     assert (cfg["train"]["seed"], cfg["kd"]["lambda"], cfg["kd"]["enabled"]) == (7, 1, False)
+    # what the consumers take besides: ViT's amp as a string, false as "no clipping" / "no flip" (0)
+    vit = resolved("vit_imagenet", "mini", "qat4", ["train.amp=bf16", "train.clip_grad_norm=false",
+                                                     "data.augment.hflip=false"])
+    assert (vit["train"]["amp"], vit["train"]["clip_grad_norm"]) == ("bf16", False)
+
+
+def test_a_number_yaml_reads_as_text_is_named_with_the_fix(tmp_path):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"_base_: {Path(__file__).parents[1] / 'bert_squad/configs/mini/qat4.yaml'}\n"
+                   "train: {learning_rate: 1e-4}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: 'train.learning_rate' must be a number (the base "
+                                                    "config has 0.0003), got '1e-4' (YAML 1.1 reads")):
+        load_config(cfg)
