@@ -309,7 +309,8 @@ def output_files(out_dir) -> dict:
 def foreign_files(out_dir) -> list[str]:
     """The train.json/dev.json in out_dir that this script did not write (no params.json of its own): a user's
     own SQuAD files, which a rebuild would overwrite."""
-    if os.path.isfile(os.path.join(out_dir, "params.json")):
+    from common.runs import generated_here
+    if generated_here(out_dir):
         return []
     return [p for p in output_files(out_dir).values() if os.path.exists(p)]
 
@@ -335,15 +336,17 @@ def main(argv=None):
                 print(f"mini-SQuAD up to date in {args.out_dir} ({params}); use --force to rewrite")
                 return 0
     if not args.force and (foreign := foreign_files(args.out_dir)):
-        raise FileExistsError(f"{', '.join(foreign)}: not made by this script (no params.json in {args.out_dir}); "
-                              f"kept: pass --force to replace them")
+        raise FileExistsError(f"{', '.join(foreign)}: not made by this script; kept: pass --force to replace them")
     tokenizer = None
     if args.max_tokens:
         from transformers import AutoTokenizer
 
         from bert_squad.squad_data import minilm_path
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    os.makedirs(args.out_dir, exist_ok=True)
+    from common.runs import mark_generated
+    mark_generated(args.out_dir, "bert_squad/make_mini_squad.py")
+    if os.path.exists(p_file):
+        os.remove(p_file)  # written last: an interrupted rebuild is never taken as complete
     for split, n in (("train", args.n_train), ("dev", args.n_dev)):
         squad, _ = generate_split(split, n, args.seed)
         n_par, n_q = count(squad)

@@ -24,7 +24,7 @@ from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 from common.hf import batch_split, check_model_source, end_of_run, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
 import common.hf as hf  # noqa: E402
-from common.runs import (RunError, cli, is_main_process, prepare_output_dir, reevaluated,  # noqa: E402
+from common.runs import (cli, is_main_process, not_generated, prepare_output_dir, reevaluated,  # noqa: E402
                          save_weight_sample, stage_metrics, write_json)
 from common.sharding import full_tensor  # noqa: E402
 from common.stage import build_distiller, build_stage_model  # noqa: E402
@@ -54,8 +54,7 @@ def ensure_mini_data(data_cfg: dict) -> None:
     if {str(Path(data_cfg["train_file"])), str(Path(data_cfg["validation_file"] or ""))} != made:
         return
     if foreign := make_mini_squad.foreign_files(out_dir):
-        raise RunError(f"{', '.join(foreign)}: not made by the mini generator, which would replace them: set "
-                       f"data.generate_mini=null to read them as they are")
+        raise not_generated(foreign, "data.generate_mini=null")
     make_mini_squad.main(["--out_dir", str(out_dir), "--seed", str(gen.get("seed", 0)),
                           "--n_train", str(gen.get("n_train", 4000)), "--n_dev", str(gen.get("n_dev", 600))])
 

@@ -69,11 +69,12 @@ class CompressionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.kd_mask_fn = kd_mask_fn
-        # Our losses are per-micro-batch means: the KD mix, and the task losses of BERT QA and wav2vec2 CTC, whose
-        # forward takes **kwargs but ignores num_items_in_batch. Seeing **kwargs, the Trainer would pass that count,
-        # take the loss as normalised over the accumulated batch (skipping the division by the accumulation steps)
-        # and multiply it by the world size: gradients and logged losses GA (x world size) times too large.
-        self.model_accepts_loss_kwargs = False
+        if distiller is not None:
+            # The KD mix is a per-micro-batch mean (the student's forward is called without num_items_in_batch). A
+            # model whose forward takes **kwargs makes the Trainer take it as normalised over the accumulated batch
+            # instead, and skip the division by the accumulation steps: gradients and losses GA times too large.
+            # Without KD the model's own loss decides (wav2vec2's CTC trainer sets it for its loss).
+            self.model_accepts_loss_kwargs = False
 
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)

@@ -78,6 +78,27 @@ def check_resume(path: Path, cfg: dict | None) -> None:
               f"optimizer, scheduler and clips are the run's", file=sys.stderr, flush=True)
 
 
+# A data generator's own folder: written before any data, so that an interrupted build (no params.json, the mark of
+# a complete one, yet) is still known as the generator's and rebuilt, while a user's data in its place is refused.
+GENERATED_MARK = ".made_by_generator"
+
+
+def mark_generated(out_dir: str | Path, by: str) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / GENERATED_MARK).write_text(by + "\n")
+
+
+def generated_here(out_dir: str | Path) -> bool:
+    """out_dir was written by a data generator (its mark, or the params.json of data made before the mark)."""
+    return (Path(out_dir) / GENERATED_MARK).is_file() or (Path(out_dir) / "params.json").is_file()
+
+
+def not_generated(found: list, switch: str) -> RunError:
+    """The error of a pipeline whose mini-data generator would replace `found`, data it did not write."""
+    return RunError(f"{', '.join(map(str, found))}: not made by the mini generator, which would replace it: set "
+                    f"{switch} to read it as it is, or point the data path elsewhere")
+
+
 def find_model_file(run_dir: str | Path, what: str = "checkpoint") -> Path:
     run_dir = Path(run_dir)
     if run_dir.is_file():

@@ -187,13 +187,17 @@ def test_the_mini_generator_never_deletes_a_users_corpus(tmp_path):
     """A real LibriSpeech tree under data.librispeech_root (no params.json of the generator) is refused and kept,
     by the pipeline before it starts the generator and by the generator itself."""
     from common.runs import RunError
-    from wav2vec_librispeech.synth_corpus import synthesize_corpus
+    from common.runs import mark_generated
+    from wav2vec_librispeech.synth_corpus import foreign_splits, synthesize_corpus
     from wav2vec_librispeech.train import ensure_mini_data
     mine = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123" / "84-121123.trans.txt"
     mine.parent.mkdir(parents=True)
     mine.write_text("84-121123-0000 GO DO YOU HEAR\n")
-    with pytest.raises(RunError, match=f"data.librispeech_root {tmp_path} holds LibriSpeech dev-clean, not made"):
+    split = tmp_path / "LibriSpeech" / "dev-clean"
+    with pytest.raises(RunError, match=f"{split}: not made by the mini generator.*set data.generate_mini=null"):
         ensure_mini_data({"generate_mini": {"seed": 0}, "librispeech_root": str(tmp_path)})
-    with pytest.raises(FileExistsError, match="holds dev-clean not made by this script"):
+    with pytest.raises(FileExistsError, match=f"{split}: not made by this script"):
         synthesize_corpus(tmp_path, seed=0, n_train=2, n_eval=1)
     assert mine.read_text() == "84-121123-0000 GO DO YOU HEAR\n"
+    mark_generated(tmp_path, "test")  # a build of the generator's own, interrupted before params.json: rebuilt
+    assert foreign_splits(tmp_path) == []

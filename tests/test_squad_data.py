@@ -173,6 +173,12 @@ def test_the_mini_generator_never_overwrites_a_users_files(tmp_path):
                           "validation_file": str(tmp_path / "dev.json")})
     with pytest.raises(FileExistsError, match="not made by this script"):
         mms.main(["--out_dir", str(tmp_path), "--n_train", "8", "--n_dev", "4", "--max_tokens", "0"])
+    built = tmp_path / "built"  # a build of its own interrupted before params.json (its mark comes first): rebuilt
+    mms.main(["--out_dir", str(built), "--n_train", "8", "--n_dev", "4", "--max_tokens", "0"])
+    (built / "params.json").unlink()
+    ensure_mini_data({"generate_mini": gen, "train_file": str(built / "train.json"),
+                      "validation_file": str(built / "dev.json")})
+    assert (built / "params.json").is_file()
     other = tmp_path / "other"
     other.mkdir()
     ensure_mini_data({"generate_mini": gen, "train_file": str(other / "a.json"),

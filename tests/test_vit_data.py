@@ -201,7 +201,12 @@ def test_the_mini_generator_never_replaces_a_users_image_tree(tmp_path):
     mine = tmp_path / "val" / "n01440764" / "a.JPEG"
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"mine")
-    with pytest.raises(RunError, match=f"data.data_dir {tmp_path}: .*set data.make_mini_digits=false"):
+    with pytest.raises(RunError, match=f"{tmp_path}: not made by the mini generator.*data.make_mini_digits=false"):
         ensure_mini_data({"data": {"make_mini_digits": True, "data_dir": str(tmp_path)}},
                          SimpleNamespace(main=True, barrier=lambda: None))
     assert mine.read_bytes() == b"mine"
+    # a build of its own interrupted before params.json (its mark is written first): rebuilt, not refused
+    built = tmp_path / "built"
+    make_mini_digits(built, seed=0)
+    (built / "params.json").unlink()
+    assert not make_mini_digits(built, seed=0)["skipped"] and (built / "params.json").is_file()

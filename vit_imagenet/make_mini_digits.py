@@ -50,10 +50,12 @@ def make_mini_digits(out_dir, seed=0, val_fraction=0.2, size=32, force=False):
         if {k: old.get(k) for k in params} == params:
             return {**old, "skipped": True, "seconds": time.perf_counter() - t0}
 
-    # Only wipe splits we can tell we wrote (params.json present) or when told to.
+    # Only wipe splits we can tell we wrote (common.runs.generated_here) or when told to.
     has_tree = any(os.path.exists(os.path.join(out_dir, s)) for s in ("train", "val"))
-    if has_tree and not (force or os.path.isfile(params_path)):
+    from common.runs import generated_here, mark_generated
+    if has_tree and not (force or generated_here(out_dir)):
         raise FileExistsError(f"{out_dir} holds a train/ or val/ tree not made by this script; pass --force")
+    mark_generated(out_dir, "vit_imagenet/make_mini_digits.py")
     if os.path.isfile(params_path):
         os.remove(params_path)  # removed first so an interrupted rebuild is never mistaken for complete
     for s in ("train", "val"):

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.config import ConfigError, check_open_section, expand_paths, load_config, load_yaml_config  # noqa: E402
-from common.runs import RunError  # noqa: E402
+from common.runs import RunError, not_generated  # noqa: E402
 from common.stage import check_stage_config  # noqa: E402
 
 PIPELINE = "vit_imagenet"
@@ -274,9 +274,8 @@ def ensure_mini_data(cfg: dict, d: Dist) -> None:
         from vit_imagenet.make_mini_digits import make_mini_digits
         try:
             s = make_mini_digits(data["data_dir"], seed=int(data.get("mini_digits_seed", 0)))
-        except FileExistsError as e:  # a user's own tree: kept
-            raise RunError(f"data.data_dir {data['data_dir']}: {e}; set data.make_mini_digits=false to read it as "
-                           f"it is") from None
+        except FileExistsError:  # a user's own tree: kept
+            raise not_generated([data["data_dir"]], "data.make_mini_digits=false") from None
         if not s["skipped"]:
             log(f"wrote the mini digits tree to {data['data_dir']} ({s['n_train']} train / {s['n_val']} val)")
     d.barrier()

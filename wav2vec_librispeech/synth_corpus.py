@@ -171,9 +171,11 @@ def _params(seed, n_train, n_eval):
 def foreign_splits(out_dir) -> list[str]:
     """The LibriSpeech split dirs under out_dir that this script did not write (no params.json of its own): a
     user's real corpus, which a rebuild would delete."""
-    if os.path.isfile(os.path.join(out_dir, "params.json")):
+    from common.runs import generated_here
+    if generated_here(out_dir):
         return []
-    return [s for s in SPLITS if os.path.exists(os.path.join(out_dir, "LibriSpeech", s))]
+    return [os.path.join(out_dir, "LibriSpeech", s) for s in SPLITS
+            if os.path.exists(os.path.join(out_dir, "LibriSpeech", s))]
 
 
 def synthesize_corpus(out_dir, seed=0, n_train=1500, n_eval=150, force=False, verbose=True):
@@ -192,8 +194,9 @@ def synthesize_corpus(out_dir, seed=0, n_train=1500, n_eval=150, force=False, ve
                 print(f"corpus already at {out_dir} with the same parameters; skipped (use --force)")
             return summary
     if not force and (foreign := foreign_splits(out_dir)):
-        raise FileExistsError(f"{out_dir}/LibriSpeech holds {', '.join(foreign)} not made by this script (no "
-                              f"params.json); kept: pass --force to replace them")
+        raise FileExistsError(f"{', '.join(foreign)}: not made by this script; kept: pass --force to replace them")
+    from common.runs import mark_generated
+    mark_generated(out_dir, "wav2vec_librispeech/synth_corpus.py")
     # params.json is removed first and written last, so an interrupted run is never taken as complete.
     if os.path.exists(params_path):
         os.remove(params_path)

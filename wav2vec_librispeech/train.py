@@ -27,7 +27,7 @@ from common.config import ConfigError, save_config, stage_argv  # noqa: E402
 from common.hf import batch_split, check_model_source, end_of_run, global_batch_of, stage_callbacks  # noqa: E402,F401
 from common.hf import training_arguments as training_args  # noqa: E402
 import common.hf as hf  # noqa: E402
-from common.runs import (RunError, cli, prepare_output_dir, reevaluated, save_weight_sample,  # noqa: E402
+from common.runs import (cli, not_generated, prepare_output_dir, reevaluated, save_weight_sample,  # noqa: E402
                          stage_metrics, write_json)
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
@@ -59,8 +59,7 @@ def ensure_mini_data(d: dict) -> None:
     from wav2vec_librispeech.synth_corpus import _params, foreign_splits
     root = Path(d["librispeech_root"])
     if foreign := foreign_splits(root):
-        raise RunError(f"data.librispeech_root {root} holds LibriSpeech {', '.join(foreign)}, not made by the mini "
-                       f"generator, which would replace them: set data.generate_mini=null to read them as they are")
+        raise not_generated(foreign, "data.generate_mini=null")
     want = _params(gen.get("seed", 0), gen.get("n_train", 1500), gen.get("n_eval", 150))
     params = root / "params.json"
     if params.exists():

@@ -24,6 +24,10 @@ class CTCTrainer(CompressionTrainer):
         kwargs.setdefault("kd_mask_fn", kd_frame_mask)
         kwargs.setdefault("preprocess_logits_for_metrics", argmax_ids)
         super().__init__(*args, **kwargs)
+        # Wav2Vec2ForCTC's forward takes **kwargs but its CTC loss ignores num_items_in_batch (a per-batch mean): the
+        # Trainer must divide it by the accumulation steps and not multiply it by the world size, which it does for
+        # losses it takes as normalised over the accumulated global batch (gradients GA x world size too large)
+        self.model_accepts_loss_kwargs = False
         self.eval_sets = dict(eval_sets or {})
         self.id_to_char = {i: t for t, i in build_vocab().items()}
         self.last_predictions: dict[str, list[dict]] = {}
