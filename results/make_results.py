@@ -1159,6 +1159,9 @@ def make(args: argparse.Namespace) -> int:
     found = scan(runs_dir)
     check_runs_dir(runs_dir, found)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "README.md").exists():  # the folder's mark first: a run stopped midway leaves it ours (check_out)
+        (out / "README.md").write_text("<!-- Generated from nothing yet by results/make_results.py, which stopped "
+                                       "before writing this README; run it again. -->\n")
 
     all_runs, skipped = found.runs, found.skipped
     runs = [r for r in all_runs if not r.repeat]  # the default seed: main table, ablations, plots

@@ -372,7 +372,7 @@ def test_seed_verdicts(tmp_path, abl, verdict):
     assert recs["abl_no_kd"]["shows_paper_effect"] == verdict and recs["qat4"]["n"] == 3
 
 
-def test_out_keeps_the_files_make_results_did_not_write(runs, tmp_path, capsys):
+def test_out_keeps_the_files_make_results_did_not_write(runs, tmp_path, capsys, monkeypatch):
     """A README.md of the user's in --out stops the call (nothing written); a plot_*.png of the user's own
     survives a run, a stale per-run plot of this script's naming does not."""
     out = tmp_path / "out"
@@ -386,6 +386,13 @@ def test_out_keeps_the_files_make_results_did_not_write(runs, tmp_path, capsys):
     assert make_results.main([str(runs), "--out", str(out)]) == 2
     assert "holds main_table.md but no README.md written by make_results.py" in capsys.readouterr().err
     assert (out / "main_table.md").read_text() == "FIXTURE: the user's own table\n"
+    (out / "main_table.md").unlink()  # a first call into a fresh folder that stops midway leaves it its own
+    monkeypatch.setattr(make_results, "plot_metric_vs_compression", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        make_results.main([str(runs), "--out", str(out)])
+    assert (out / "main_table.md").exists() and "by results/make_results.py" in (out / "README.md").read_text()
+    monkeypatch.undo()
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
     (out / "README.md").write_text(f"{GENERATED_MARK}\nFIXTURE earlier README.md\n")
     for name in ("plot_training_curves_my_experiment.png", "plot_weight_histogram_final_v2.png",
                  "plot_training_curves_mini_vit_imagenet.png"):  # the last: of a pipeline with no usable run
