@@ -27,8 +27,6 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
@@ -37,8 +35,9 @@ from common.config import ConfigError, comparable, config_changes  # noqa: E402
 MAIN = ["fp", "sparse", "qat4", "qat4_dense"]
 ABLATIONS = ["abl_no_kd", "abl_const_dropout", "abl_plain_grid", "abl_oneshot", "abl_quant_first",
              "abl_pretrained_init"]
-# keys that do not change what a stage computes
 PIPELINES = ("bert_squad", "vit_imagenet", "wav2vec_librispeech")
+
+
 def config_path(pipeline: str, scale: str, stage: str) -> Path:
     return ROOT / pipeline / "configs" / ("mini" if scale == "mini" else "") / f"{stage}.yaml"
 
@@ -76,16 +75,15 @@ def run_state(cfg: dict) -> str:
 
 def inspect_run(cfg: dict) -> tuple[str, str]:
     """(run_state, why it is "other")."""
+    from common.config import read_yaml_mapping
     from common.runs import RunError, read_metrics
     run = Path(cfg["output_dir"])
     if not run.is_dir() or not any(run.iterdir()):
         return "", ""
     try:
-        saved = yaml.safe_load((run / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        return "other", f"no readable config.yaml ({type(e).__name__})"
-    if not isinstance(saved, dict):
-        return "other", "its config.yaml is not a mapping"
+        saved = read_yaml_mapping(run / "config.yaml", RunError, "run config")
+    except RunError as e:
+        return "other", str(e)
     if comparable(saved) != comparable(cfg):
         return "other", f"made with another config ({config_changes(saved, cfg)})"
     try:
@@ -351,9 +349,11 @@ def _main(argv=None) -> int:
         prefix, kv = split_override(o)
         if "=" not in kv:
             ap.error(f"--set {o}: expected [PIPELINE[/STAGE]:]KEY=VALUE")
-        if kv.split("=", 1)[0].strip() == "output_dir" and (prefix is None or "/" not in prefix):
+        key, value = (x.strip() for x in kv.split("=", 1))
+        if key == "output_dir" and (prefix is None or "/" not in prefix) and "{stage}" not in value:
             ap.error(f"--set {o}: every stage needs a run dir of its own (one would set the next aside): give it "
-                     f"per stage, PIPELINE/STAGE:output_dir=DIR, or move them all with RUNS_DIR")
+                     f"per stage, PIPELINE/STAGE:output_dir=DIR, or with the {{stage}} placeholder, or move them "
+                     f"all with RUNS_DIR")
         if prefix is None:
             continue
         pipe, _, stage = prefix.partition("/")

@@ -63,8 +63,9 @@ def check_resume(path: Path, cfg: dict | None) -> None:
     started with (per-device batch, world size and logging may change legitimately; the checkpoint's optimizer,
     scheduler and clips come from the run either way)."""
     if (path / "metrics.json").exists():
-        raise RunError(f"{path}: a finished run (metrics.json): resume=true has nothing to continue; pass "
-                       f"overwrite_output_dir=true to train it again, or another output_dir")
+        raise RunError(f"{path}: a finished run (metrics.json): resume=true has nothing to continue (it would "
+                       f"train over the finished run); pass overwrite_output_dir=true to train it again, or give "
+                       f"another output_dir")
     if cfg is None or not (path / "config.yaml").is_file():
         return
     from .config import ConfigError, config_changes, read_yaml_mapping

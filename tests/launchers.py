@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def two_processes(launch: str, module: bool = True, n: int = 2) -> list[str]:
     """The command prefix that starts n (2) processes with `torchrun` or `accelerate launch` (whose multi-GPU
     launcher is torchrun's; on a CPU machine the processes use gloo); module=True: the next argument is a module
-    name, else a script path. Each launcher picks a free port itself: torchrun does on one node without
-    --master_port (its c10d rendezvous binds port 0), accelerate with port 0."""
+    name, else a script path. Each launcher picks a free port itself: torchrun on one node without --master_port
+    (its c10d rendezvous binds port 0, no race), accelerate with port 0 (it finds one and releases it before
+    torchrun binds it: a small race, as a test-side free port had)."""
     if launch == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
     elif launch == "accelerate":

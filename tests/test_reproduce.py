@@ -218,6 +218,8 @@ def test_set_overrides_reach_every_stage_and_the_checks(tmp_path, monkeypatch):
     for flag in ("--runs-dir", "--results-dir"):
         with pytest.raises(SystemExit):
             reproduce.main([flag, str(tmp_path / "a_file"), "--pipelines", "vit_imagenet"])
+    assert reproduce.main(["--runs-dir", str(tmp_path), "--quick", "1", "--pipelines", "vit_imagenet", "--set",
+                           "vit_imagenet:output_dir=" + str(tmp_path / "own" / "{stage}")]) == 0  # one per stage
     for bad in ("train.seed", "vit_imagenet/nostage:train.seed=1", "output_dir=/x", "vit_imagenet:output_dir=/x"):
         with pytest.raises(SystemExit):
             reproduce.main(["--runs-dir", str(tmp_path), "--pipelines", "vit_imagenet", "--set", bad])

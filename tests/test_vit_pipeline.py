@@ -133,6 +133,12 @@ def test_eval_reproduces_metrics(chain, tmp_path):
     with pytest.raises(RunError, match=f"--out_dir {tmp_path} holds the metrics.json of .*qat4, not of "):
         vit_eval.main([str(base / "sparse"), "--out_dir", str(tmp_path)])
     assert json.loads((base / "sparse" / "metrics.json").read_text()) == sparse
+    older = json.loads((tmp_path / "metrics.json").read_text())  # an evaluation from before evaluated_run: redone
+    (tmp_path / "metrics.json").write_text(json.dumps({k: v for k, v in older.items() if k != "evaluated_run"}))
+    assert vit_eval.main([str(base / "sparse"), "--out_dir", str(tmp_path)])["top1"] == sparse["top1"]
+    (tmp_path / "metrics.json").write_text('{"f1": 1}')
+    with pytest.raises(RunError, match="holds the metrics.json of something other than an evaluation"):
+        vit_eval.main([str(base / "sparse"), "--out_dir", str(tmp_path)])
     # a --data_dir is the user's: a wrong one is an error, never filled with the mini digits
     with pytest.raises(Exception, match="nope"):
         vit_eval.main([str(base / "qat4"), "--data_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])

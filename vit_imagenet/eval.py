@@ -54,10 +54,14 @@ def check_eval_out_dir(out_dir: Path, run_dir: Path) -> None:
     if (out_dir / "config.yaml").exists():
         raise RunError(f"--out_dir {out_dir} is a run dir of its own (config.yaml); its metrics.json and "
                        f"predictions would be replaced: choose another --out_dir")
-    evaluated = read_metrics(out_dir).get("evaluated_run")
-    if (out_dir / "metrics.json").exists() and evaluated != str(run_dir.resolve()):
-        raise RunError(f"--out_dir {out_dir} holds the metrics.json of {evaluated or 'something else'}, not of "
-                       f"{run_dir}: choose another --out_dir")
+    there = read_metrics(out_dir)
+    evaluated = there.get("evaluated_run")
+    if not there or (evaluated is None and there.get("evaluated_by") == PIPELINE + ".eval"):
+        return  # nothing there, or an evaluation written before evaluated_run was recorded: replaced, as before
+    if evaluated != str(run_dir.resolve()):
+        what = evaluated or "something other than an evaluation"
+        raise RunError(f"--out_dir {out_dir} holds the metrics.json of {what}, not of {run_dir}: choose another "
+                       f"--out_dir")
 
 
 def main(argv=None) -> dict:
