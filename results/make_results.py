@@ -757,10 +757,12 @@ def seed_records(runs: list[Run]) -> list[dict]:
             fmean, fsd = _spread([r.value for r in full])
             delta = mean - fmean
             se = math.sqrt(sd ** 2 / len(vals) + fsd ** 2 / len(full))
-            worse = (delta < 0) == rec["higher_is_better"] and delta != 0
-            beyond = se > 0 and abs(delta) >= 2 * se
-            rec.update(full_recipe_mean=fmean, delta=delta, se=se,
-                       shows_paper_effect=("yes, beyond noise" if worse and beyond else
+            same = abs(delta) < 0.005  # equal at the 2 decimals shown (float sums of equal means differ by 1e-14)
+            worse = (delta < 0) == rec["higher_is_better"] and not same
+            beyond = abs(delta) >= 2 * se and not same  # SE 0 (no spread in either): any difference is beyond it
+            rec.update(full_recipe_mean=fmean, delta=0.0 if same else delta, se=se,
+                       shows_paper_effect=("no (no difference)" if same else
+                                           "yes, beyond noise" if worse and beyond else
                                            "in its direction, within noise" if worse else
                                            "no: ablation better, beyond noise" if beyond else
                                            "no, within noise"))

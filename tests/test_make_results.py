@@ -357,7 +357,8 @@ def test_extra_seeds_give_the_spread_and_leave_the_default_seed_tables_alone(run
 
 @pytest.mark.parametrize("abl,verdict", [([50.0, 50.5, 49.5], "yes, beyond noise"),
                                          ([60.0, 60.5, 59.5], "no: ablation better, beyond noise"),
-                                         ([55.5, 56.5, 54.5], "no, within noise")])
+                                         ([55.5, 56.5, 54.5], "no, within noise"),
+                                         ([54.5, 55.5, 55.0], "no (no difference)")])
 def test_seed_verdicts(tmp_path, abl, verdict):
     """FIXTURE values: full recipe 55 ± 0.5 over three seeds against an ablation's three seeds."""
     runs = tmp_path / "runs"
