@@ -264,3 +264,11 @@ def test_stage_configs_consistent():
     assert (plan["batch_size"], plan["accum"], plan["global_batch"], plan["steps_per_epoch"]) == (32, 1, 512, 2502)
     with pytest.raises(ConfigError, match="global_batch_size 512"):
         vit_train.batch_plan(load_stage_config(paper_dir / "qat4.yaml", ["train.batch_size=48"]), Dist("cpu"), 1000)
+    # the mini set (1,437 images, 1437 mod 32 = 29): the same steps on any number of processes, never counting
+    # the sampler's padding duplicates (ceil(1437 / 4) // 8 made 45 steps per epoch on 4 processes, 44 on 1)
+    mini = load_stage_config(CONFIGS / "qat4.yaml")
+    plans = []
+    for world in (1, 2, 4, 8):
+        d.world = world
+        plans.append(vit_train.batch_plan(mini, d, 1437))
+    assert {(p["global_batch"], p["steps_per_epoch"], p["total_steps"]) for p in plans} == {(32, 44, 132)}

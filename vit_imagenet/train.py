@@ -16,7 +16,6 @@ it. On CPU with a fixed seed a resumed run ends bit-identical to an uninterrupte
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
@@ -65,8 +64,9 @@ def batch_plan(cfg: dict, d: Dist, n_train: int) -> dict:
     t = cfg["train"]
     world = d.world
     bs, accum = batch_split(cfg, world)
-    per_rank = math.ceil(n_train / world)  # DistributedSampler pads to a multiple of the world size
-    spe = per_rank // (bs * accum)  # incomplete last step of an epoch is dropped
+    # full global batches only, whatever the world size: the sampler's padding to a multiple of it (duplicates)
+    # is never reached, and the schedule is the same on 1 process and on 8
+    spe = n_train // (bs * accum * world)
     if spe == 0 and (t.get("max_steps") or t.get("epochs")):
         raise ConfigError(f"{cfg['config_file']}: {n_train} training images give no full step of "
                           f"{bs * accum * world} images")
