@@ -49,6 +49,29 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class PerRankSeedCallback(TrainerCallback):
+    """Each rank its own random draws (dropout masks, wav2vec2's SpecAugment and LayerDrop): the Trainer seeds every
+    rank with args.seed, so under DDP all GPUs drew the same masks for the same batch positions, a noise one GPU
+    does not have. seed + rank, as ViT's loop; one process: unchanged. On resume the Trainer then restores each
+    rank's saved states. `applies()`: whether the training order has generators of its own (Accelerate's seedable
+    sampler, ours), so that it stays the same on every rank; HF's length-grouped samplers draw it from the global
+    random state, which the ranks must then share."""
+
+    def __init__(self, applies):
+        self.applies = applies
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size <= 1:
+            return
+        if self.applies():
+            from transformers import set_seed
+            set_seed(args.seed + args.process_index)
+        elif args.process_index == 0:
+            print(f"[common.hf] train_sampling_strategy {args.train_sampling_strategy}: the Trainer's sampler draws "
+                  "the data order from the global random state, so every rank keeps the same seed (and the same "
+                  "dropout masks for the same batch positions)", flush=True)
+
+
 def stage_callbacks(cfg: dict) -> list[TrainerCallback]:
     """The callbacks of every HF stage: the config's dropout schedule, and the test-only interruption."""
     drop = cfg.get("dropout") or {}
@@ -69,12 +92,18 @@ class CompressionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.kd_mask_fn = kd_mask_fn
+        self.add_callback(PerRankSeedCallback(self.order_has_own_generator))
         if distiller is not None:
             # The KD mix is a per-micro-batch mean (the student's forward is called without num_items_in_batch). A
             # model whose forward takes **kwargs makes the Trainer take it as normalised over the accumulated batch
             # instead, and skip the division by the accumulation steps: gradients and losses GA times too large.
             # Without KD the model's own loss decides (wav2vec2's CTC trainer sets it for its loss).
             self.model_accepts_loss_kwargs = False
+
+    def order_has_own_generator(self) -> bool:
+        """Whether the training sampler draws the data order from a generator of its own (see PerRankSeedCallback):
+        not HF's length-grouped ones."""
+        return self.args.train_sampling_strategy not in ("group_by_length", "batch_rebalance")
 
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)

@@ -254,3 +254,52 @@ def test_library_under_fully_shard_bf16(tmp_path, device):
     teacher = saved["teacher"]  # common.sharding.shard_frozen: 2 BertLayers + the root, 1/world of the parameters
     share = 1 / teacher["world"]
     assert teacher["units"] == 3 and share <= teacher["held"] < share + 0.05 and teacher["diff"] < 1e-5, teacher
+
+
+SEED_WORKER = r'''
+import json, sys, torch
+from torch import nn
+from common.hf import CompressionTrainer, training_arguments
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self): return 32
+    def __getitem__(self, i):  # input_ids: what HF's length-grouped sampler measures, iterating until IndexError
+        if i >= len(self):
+            raise IndexError(i)
+        return {"input_ids": torch.full((16,), float(i)), "labels": torch.tensor(i % 2)}
+
+class Model(nn.Module):  # records its dropout masks and the samples it was given
+    def __init__(self):
+        super().__init__(); self.lin = nn.Linear(16, 2); self.drop = nn.Dropout(0.5); self.masks, self.seen = [], []
+    def forward(self, input_ids, labels=None):
+        x = input_ids
+        h = self.drop(torch.ones_like(x)); self.masks.append(h.ne(0).int().tolist()); self.seen += x[:, 0].tolist()
+        logits = self.lin(x * h)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+out, strategy = sys.argv[1], sys.argv[2]
+cfg = {"config_file": "worker", "global_batch_size": 8, "train": {
+    "per_device_train_batch_size": 4, "max_steps": 4, "report_to": "none", "save_strategy": "no", "seed": 42,
+    "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": strategy}}
+args = training_arguments(cfg, out)
+model = Model()
+CompressionTrainer(model=model, args=args, train_dataset=Data()).train()
+with open(f"{out}/rank{args.process_index}.json", "w") as f:
+    json.dump({"masks": model.masks, "seen": model.seen}, f)
+'''
+
+
+@pytest.mark.parametrize("strategy", ["random", "group_by_length"])
+def test_each_rank_draws_its_own_dropout_masks(tmp_path, strategy):
+    """The Trainer seeds every rank alike: with its seedable sampler the ranks are reseeded (seed + rank), so their
+    dropout masks differ, and they still split every global batch between them (the data order has a generator of
+    its own); with HF's length-grouped sampler, which draws the order from the global random state, they keep one
+    seed, so that they still split the same order (the masks then repeat across ranks)."""
+    import json
+    script = tmp_path / "worker.py"
+    script.write_text(SEED_WORKER)
+    run_launched(two_processes("torchrun", module=False) + [str(script), str(tmp_path), strategy])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert (ranks[0]["masks"] != ranks[1]["masks"]) == (strategy == "random")
+    seen = ranks[0]["seen"] + ranks[1]["seen"]
+    assert len(seen) == 32 and sorted(seen) == [float(i) for i in range(32)]  # one epoch: every sample once

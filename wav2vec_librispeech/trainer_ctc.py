@@ -43,6 +43,9 @@ class CTCTrainer(CompressionTrainer):
             return LengthGroupedEpochSampler(ds.lengths, global_batch_of(self.args), seed)
         return super()._get_train_sampler(train_dataset)
 
+    def order_has_own_generator(self) -> bool:
+        return super().order_has_own_generator() or hasattr(self.train_dataset, "lengths")  # see above
+
     def _get_eval_sampler(self, eval_dataset):
         # predictions must come back in dataset order (ids, references): never length-grouped here
         if self.args.world_size <= 1:
