@@ -24,14 +24,19 @@ def logits_of(outputs) -> list[torch.Tensor]:
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None):
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions (those where mask is True)."""
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions. With a [B, L] `mask`: over
+    each sequence's valid positions, then over the sequences that have one (choice, as CTC's "mean" reduction
+    weighs utterances): every sample weighs the same whatever the micro-batches a global batch is cut into, where
+    one mean over a micro-batch's frames gave its frames (of however many samples) the weight of its share."""
     T = temperature
     s = F.log_softmax(student.float() / T, dim=-1)
     t = F.log_softmax(teacher.float() / T, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1)
     if mask is not None:
         m = mask.to(kl.dtype)
-        return (kl * m).sum() / m.sum().clamp_min(1) * T * T
+        n = m.sum(-1)
+        per_seq = (kl * m).sum(-1) / n.clamp_min(1)
+        return (per_seq * (n > 0)).sum() / (n > 0).sum().clamp_min(1) * T * T
     return kl.mean() * T * T
 
 

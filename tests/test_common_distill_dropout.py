@@ -33,6 +33,17 @@ def test_kd_masks_sequence_positions_and_averages_qa_logits():
     t2 = t.clone()
     t2[0, 3:] = 100.0  # masked frames must not matter
     assert torch.equal(loss_fn(torch.tensor(0.0), s, t, mask), loss_fn(torch.tensor(0.0), s, t2, mask))
+    # each sequence's mean over its valid frames, then the mean over sequences: a global batch cut into equal
+    # micro-batches (accumulation, ranks) gives the same loss as one batch, whatever the frame counts
+    s4, t4 = torch.randn(4, 6, 7), torch.randn(4, 6, 7)
+    m4 = torch.tensor([[1] * 6, [1] * 5 + [0], [1, 1, 0, 0, 0, 0], [1] + [0] * 5], dtype=torch.bool)
+    whole = common.kd_kl(s4, t4, 2.0, m4)
+    halves = (common.kd_kl(s4[:2], t4[:2], 2.0, m4[:2]) + common.kd_kl(s4[2:], t4[2:], 2.0, m4[2:])) / 2
+    torch.testing.assert_close(whole, halves)
+    per_seq = [common.kd_kl(s4[i:i + 1, m4[i]], t4[i:i + 1, m4[i]], 2.0) for i in range(4)]
+    torch.testing.assert_close(whole, sum(per_seq) / 4)
+    none = torch.zeros(2, 6, dtype=torch.bool)  # no valid frame: 0, not NaN
+    assert common.kd_kl(s4[:2], t4[:2], 2.0, none).item() == 0.0
 
     class QA:
         def __init__(self, a, b):
