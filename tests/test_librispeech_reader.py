@@ -117,6 +117,10 @@ def test_length_grouped_batches():
     assert b == length_grouped_batches(lengths, batch_size=3, seed=0, mega_batch_mult=100)
     # One mega-batch: batches are contiguous runs of the length-sorted order.
     assert sorted(sorted(lengths[i] for i in batch) for batch in b) == [[1], [2, 3, 4], [5, 6, 7], [8, 9, 10]]
+    # the partial batch last, in every seed: cut into windows of 3, the index stream keeps each window one group
+    for seed in range(5):
+        b = length_grouped_batches(lengths, batch_size=3, seed=seed, mega_batch_mult=100)
+        assert [len(x) for x in b] == [3, 3, 3, 1]
 
 
 def test_training_order_depends_on_the_global_batch_alone():

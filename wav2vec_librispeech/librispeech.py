@@ -197,7 +197,10 @@ def length_grouped_batches(lengths, batch_size, seed, mega_batch_mult=50):
     """Index batches of similar length (less padding), random order; same idea as HF LengthGroupedSampler.
 
     Shuffle, cut into mega-batches of ``batch_size * mega_batch_mult``, sort each by length (longest
-    first), cut into batches, then shuffle the batch order.  Deterministic in ``seed``; every index once.
+    first), cut into batches, then shuffle the order of the full batches; the one partial batch (the last
+    mega-batch's end) goes last, since a loader that cuts the index stream into batch_size windows (the sharded
+    Trainer's) would otherwise cut every later window across two length groups.  Deterministic in ``seed``;
+    every index once.
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
@@ -206,4 +209,5 @@ def length_grouped_batches(lengths, batch_size, seed, mega_batch_mult=50):
     for i in range(0, len(order), mega):
         chunk = sorted(order[i:i + mega].tolist(), key=lambda j: -lengths[j])
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    full, partial = [b for b in batches if len(b) == batch_size], [b for b in batches if len(b) < batch_size]
+    return [full[i] for i in rng.permutation(len(full))] + partial
