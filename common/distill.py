@@ -24,7 +24,7 @@ def logits_of(outputs) -> list[torch.Tensor]:
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None):
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions. With a [B, L] `mask`: over
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions. With a [B, L] bool `mask`: over
     each sequence's valid positions, then over the sequences that have one (choice, as CTC's "mean" reduction
     weighs utterances): every sample weighs the same whatever the micro-batches a global batch is cut into, where
     one mean over a micro-batch's frames gave its frames (of however many samples) the weight of its share."""
@@ -33,10 +33,10 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask
     t = F.log_softmax(teacher.float() / T, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1)
     if mask is not None:
-        m = mask.to(kl.dtype)
-        n = m.sum(-1)
-        per_seq = (kl * m).sum(-1) / n.clamp_min(1)
-        return (per_seq * (n > 0)).sum() / (n > 0).sum().clamp_min(1) * T * T
+        mask = mask.bool()
+        n = mask.sum(-1)
+        per_seq = kl.masked_fill(~mask, 0).sum(-1) / n.clamp_min(1)  # masked_fill: an inf there stays out
+        return per_seq.masked_fill(n == 0, 0).sum() / (n > 0).sum().clamp_min(1) * T * T
     return kl.mean() * T * T
 
 

@@ -53,9 +53,9 @@ class PerRankSeedCallback(TrainerCallback):
     """Each rank its own random draws (dropout masks, wav2vec2's SpecAugment and LayerDrop): the Trainer seeds every
     rank with args.seed, so under DDP all GPUs drew the same masks for the same batch positions, a noise one GPU
     does not have. seed + rank, as ViT's loop; one process: unchanged. On resume the Trainer then restores each
-    rank's saved states. `applies()`: whether the training order has generators of its own (Accelerate's seedable
-    sampler, ours), so that it stays the same on every rank; HF's length-grouped samplers draw it from the global
-    random state, which the ranks must then share."""
+    rank's saved states. `applies()`: whether the training order has a generator of its own (Accelerate's seedable
+    sampler, HF's batch_rebalance, ours), so that it stays the same on every rank; HF's length-grouped sampler
+    draws it from the global random state, which the ranks must then share."""
 
     def __init__(self, applies):
         self.applies = applies
@@ -86,9 +86,15 @@ class CompressionTrainer(Trainer):
     """Trainer whose loss adds distillation from a frozen teacher when `distiller` is given.
 
     `kd_mask_fn(model, inputs, outputs)` may return a [B, L] bool mask of valid positions for sequence logits
-    (e.g. CTC frames of padded audio)."""
+    (e.g. CTC frames of padded audio): the KL is then averaged per sequence, then over sequences (common.kd_kl)."""
 
     def __init__(self, *args, distiller: DistillationLoss | None = None, kd_mask_fn=None, **kwargs):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if isinstance(targs, TrainingArguments) and targs.data_seed is None:
+            # Accelerate seeds its sampler with the global initial seed when data_seed is unset, which the per-rank
+            # reseed below changes: a train loader built later (a second train(), auto_find_batch_size) would give
+            # each rank another order. The same value, fixed now.
+            targs.data_seed = targs.seed
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.kd_mask_fn = kd_mask_fn
@@ -101,9 +107,11 @@ class CompressionTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
 
     def order_has_own_generator(self) -> bool:
-        """Whether the training sampler draws the data order from a generator of its own (see PerRankSeedCallback):
-        not HF's length-grouped ones."""
-        return self.args.train_sampling_strategy not in ("group_by_length", "batch_rebalance")
+        """Whether the training order comes from a generator of its own (see PerRankSeedCallback): not with HF's
+        length-grouped sampler (the global random state), nor with a dataset that streams in its own order."""
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            return False
+        return self.args.train_sampling_strategy != "group_by_length"
 
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)

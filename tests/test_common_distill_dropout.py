@@ -44,6 +44,9 @@ def test_kd_masks_sequence_positions_and_averages_qa_logits():
     torch.testing.assert_close(whole, sum(per_seq) / 4)
     none = torch.zeros(2, 6, dtype=torch.bool)  # no valid frame: 0, not NaN
     assert common.kd_kl(s4[:2], t4[:2], 2.0, none).item() == 0.0
+    s_inf = s4.clone()
+    s_inf[3, 1:] = float("-inf")  # what lies under the mask stays out, an infinity too
+    torch.testing.assert_close(common.kd_kl(s_inf, t4, 2.0, m4), whole)
 
     class QA:
         def __init__(self, a, b):

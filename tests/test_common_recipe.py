@@ -68,6 +68,35 @@ def test_no_pinned_memory_without_an_accelerator_unless_asked(tmp_path, monkeypa
     assert training_arguments(own, tmp_path).dataloader_pin_memory is True
 
 
+def test_compression_trainer_keeps_the_data_order_when_it_reseeds_ranks(tmp_path):
+    """data_seed is fixed to the seed (Accelerate would read the global initial seed, which the per-rank reseed
+    changes, for any later loader); the per-rank reseed is off where the order comes from the global random state
+    (HF's length-grouped sampler) or from a stream of the dataset's own."""
+    import torch
+    from common.hf import CompressionTrainer, training_arguments
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    def trainer(strategy, data=None):
+        args = training_arguments({"train": {"report_to": "none", "seed": 7, "train_sampling_strategy": strategy,
+                                             "max_steps": 1},
+                                   "config_file": "x.yaml"}, tmp_path)
+        assert args.data_seed is None
+        return CompressionTrainer(model=Tiny(), args=args, train_dataset=data)
+    t = trainer("random", [0, 1])
+    assert t.args.data_seed == 7 and t.order_has_own_generator()
+    assert trainer("batch_rebalance", [0, 1]).order_has_own_generator()
+    assert not trainer("group_by_length", [0, 1]).order_has_own_generator()
+    assert not trainer("random", Stream()).order_has_own_generator()
+
+
 @pytest.mark.parametrize("step_at,expected", [(None, 0.5), (0.25, 0.25)])
 def test_dropout_step_at_reaches_the_hf_schedule(step_at, expected):
     """dropout.step_at (null: halfway) is passed to the HF pipelines' ScheduledDropout, as ViT's train.py does."""
