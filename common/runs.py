@@ -39,7 +39,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
                        cfg: dict | None = None) -> Path:
     """Refuse to write into a non-empty run dir unless asked: nothing a user made is overwritten silently (a dir
     holding only the STARTUP_FILES of a failed start excepted). resume=true refuses a finished run (it would train
-    it again from the start) and, given the stage's `cfg`, names what differs from the run's config.yaml. Only
+    over it) and, given the stage's `cfg`, names what differs from the run's config.yaml. Only
     rank 0 checks and clears it; other ranks of a distributed run just use it."""
     path = Path(path)
     if not is_main_process():
