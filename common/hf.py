@@ -115,9 +115,11 @@ class CompressionTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)
-        if not getattr(opt, "_clip_state_hook", False):  # a checkpoint from before the clips were one-element
-            opt.register_load_state_dict_post_hook(clip_state_as_1d)
-            opt._clip_state_hook = True
+        # a second train() finds the optimizer wrapped by Accelerate: the hook goes on the torch optimizer inside
+        base = getattr(opt, "optimizer", opt)
+        if not getattr(base, "_clip_state_hook", False):  # a checkpoint from before the clips were one-element
+            base.register_load_state_dict_post_hook(clip_state_as_1d)
+            base._clip_state_hook = True
         return opt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

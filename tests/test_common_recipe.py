@@ -95,6 +95,17 @@ def test_compression_trainer_keeps_the_data_order_when_it_reseeds_ranks(tmp_path
     assert trainer("batch_rebalance", [0, 1]).order_has_own_generator()
     assert not trainer("group_by_length", [0, 1]).order_has_own_generator()
     assert not trainer("random", Stream()).order_has_own_generator()
+    # train() twice on one trainer: the second finds its optimizer wrapped by Accelerate
+    data = [{"x": torch.ones(2), "labels": torch.tensor(0)}] * 4
+
+    class Loss(Tiny):
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.cross_entropy(self.lin(x), labels)}
+    t = CompressionTrainer(model=Loss(), args=training_arguments(
+        {"train": {"report_to": "none", "max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no"},
+         "config_file": "x.yaml"}, tmp_path), train_dataset=data)
+    t.train()
+    t.train()
 
 
 @pytest.mark.parametrize("step_at,expected", [(None, 0.5), (0.25, 0.25)])
