@@ -307,12 +307,10 @@ def output_files(out_dir) -> dict:
 
 
 def foreign_files(out_dir) -> list[str]:
-    """The train.json/dev.json in out_dir that this script did not write (no params.json of its own): a user's
+    """The train.json/dev.json in out_dir that this script did not write (common.runs.foreign_outputs): a user's
     own SQuAD files, which a rebuild would overwrite."""
-    from common.runs import generated_here
-    if generated_here(out_dir):
-        return []
-    return [p for p in output_files(out_dir).values() if os.path.exists(p)]
+    from common.runs import foreign_outputs
+    return foreign_outputs(out_dir, output_files(out_dir).values())
 
 
 def main(argv=None):

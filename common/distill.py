@@ -24,8 +24,8 @@ def logits_of(outputs) -> list[torch.Tensor]:
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None):
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions. With a [B, L] bool `mask`: over
-    each sequence's valid positions, then over the sequences that have one (choice, as CTC's "mean" reduction
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, averaged over positions. With a [B, L] bool `mask`:
+    over each sequence's valid positions, then over the sequences that have one (choice, as CTC's "mean" reduction
     weighs utterances): every sample weighs the same whatever the micro-batches a global batch is cut into, where
     one mean over a micro-batch's frames gave its frames (of however many samples) the weight of its share."""
     T = temperature
@@ -35,8 +35,8 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask
     if mask is not None:
         mask = mask.bool()
         n = mask.sum(-1)
-        per_seq = kl.masked_fill(~mask, 0).sum(-1) / n.clamp_min(1)  # masked_fill: an inf there stays out
-        return per_seq.masked_fill(n == 0, 0).sum() / (n > 0).sum().clamp_min(1) * T * T
+        per_seq = kl.masked_fill(~mask, 0).sum(-1) / n.clamp_min(1)  # masked_fill: an inf there stays out; 0 if none
+        return per_seq.sum() / (n > 0).sum().clamp_min(1) * T * T
     return kl.mean() * T * T
 
 

@@ -94,6 +94,12 @@ def generated_here(out_dir: str | Path) -> bool:
     return (Path(out_dir) / GENERATED_MARK).is_file() or (Path(out_dir) / "params.json").is_file()
 
 
+def foreign_outputs(out_dir: str | Path, outputs) -> list[str]:
+    """Those of a generator's `outputs` (paths) that exist in an out_dir it did not write: a user's data, which a
+    rebuild would replace."""
+    return [] if generated_here(out_dir) else [str(p) for p in outputs if os.path.exists(p)]
+
+
 def not_generated(found: list, switch: str) -> RunError:
     """The error of a pipeline whose mini-data generator would replace `found`, data it did not write."""
     return RunError(f"{', '.join(map(str, found))}: not made by the mini generator, which would replace it: set "

@@ -50,10 +50,9 @@ def make_mini_digits(out_dir, seed=0, val_fraction=0.2, size=32, force=False):
         if {k: old.get(k) for k in params} == params:
             return {**old, "skipped": True, "seconds": time.perf_counter() - t0}
 
-    # Only wipe splits we can tell we wrote (common.runs.generated_here) or when told to.
-    has_tree = any(os.path.exists(os.path.join(out_dir, s)) for s in ("train", "val"))
-    from common.runs import generated_here, mark_generated
-    if has_tree and not (force or generated_here(out_dir)):
+    # Only wipe splits we can tell we wrote (common.runs.foreign_outputs) or when told to.
+    from common.runs import foreign_outputs, mark_generated
+    if not force and foreign_outputs(out_dir, [os.path.join(out_dir, s) for s in ("train", "val")]):
         raise FileExistsError(f"{out_dir} holds a train/ or val/ tree not made by this script; pass --force")
     mark_generated(out_dir, "vit_imagenet/make_mini_digits.py")
     if os.path.isfile(params_path):

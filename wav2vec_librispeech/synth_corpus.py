@@ -169,13 +169,10 @@ def _params(seed, n_train, n_eval):
 
 
 def foreign_splits(out_dir) -> list[str]:
-    """The LibriSpeech split dirs under out_dir that this script did not write (no params.json of its own): a
+    """The LibriSpeech split dirs under out_dir that this script did not write (common.runs.foreign_outputs): a
     user's real corpus, which a rebuild would delete."""
-    from common.runs import generated_here
-    if generated_here(out_dir):
-        return []
-    return [os.path.join(out_dir, "LibriSpeech", s) for s in SPLITS
-            if os.path.exists(os.path.join(out_dir, "LibriSpeech", s))]
+    from common.runs import foreign_outputs
+    return foreign_outputs(out_dir, [os.path.join(out_dir, "LibriSpeech", s) for s in SPLITS])
 
 
 def synthesize_corpus(out_dir, seed=0, n_train=1500, n_eval=150, force=False, verbose=True):

@@ -19,6 +19,11 @@ def argmax_ids(logits, labels):
     return logits.argmax(-1)
 
 
+def own_length_sampler(args, ds) -> bool:
+    """Whether CTCTrainer trains on its own LengthGroupedEpochSampler (deterministic, seeded) rather than HF's."""
+    return args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths")
+
+
 class CTCTrainer(CompressionTrainer):
     def __init__(self, *args, eval_sets: dict | None = None, **kwargs):
         kwargs.setdefault("kd_mask_fn", kd_frame_mask)
@@ -35,7 +40,7 @@ class CTCTrainer(CompressionTrainer):
     # -- sampling ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths"):
+        if own_length_sampler(self.args, ds):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             # groups of one global batch, cut into per-device batches in order and dealt to the ranks in turn:
             # global batch k is then positions [kG, (k+1)G) of an order that depends on G alone, the same for any
@@ -43,8 +48,8 @@ class CTCTrainer(CompressionTrainer):
             return LengthGroupedEpochSampler(ds.lengths, global_batch_of(self.args), seed)
         return super()._get_train_sampler(train_dataset)
 
-    def order_has_own_generator(self) -> bool:
-        return super().order_has_own_generator() or hasattr(self.train_dataset, "lengths")  # see above
+    def order_has_own_generator(self) -> bool:  # our length-grouped sampler is seeded itself
+        return super().order_has_own_generator() or own_length_sampler(self.args, self.train_dataset)
 
     def _get_eval_sampler(self, eval_dataset):
         # predictions must come back in dataset order (ids, references): never length-grouped here
