@@ -2,10 +2,10 @@
 
     python benchmarks/bench_train_step.py --model bert --layers 2 --batch 2 --seq 384 [--json results/benchmarks.jsonl]
 Step times come from the same process, interleaved, so machine load affects all variants alike. Peak memory
-(on by default) runs each variant alone in a fresh child process and reads the kernel's peak resident set
-(VmHWM) minus the resident set before the model was built: model, teacher, gradients, optimizer state and
-activations of full steps (AdamW), without the interpreter and library baseline; memory freed by building and
-preparing the model is returned to the OS before the steps (see `_release_freed_memory`).
+(on by default) runs each variant alone in a fresh child process (all started together) and reads the kernel's
+peak resident set (VmHWM) minus the resident set before the model was built: model, teacher, gradients,
+optimizer state and activations of full steps (AdamW), without the interpreter and library baseline; memory freed
+by building and preparing the model is returned to the OS before the steps (see `_release_freed_memory`).
 `benchmarks/report.py` turns the JSON lines into results/benchmarks.md.
 """
 from __future__ import annotations
@@ -171,14 +171,19 @@ def memory_env() -> dict:
 
 
 def measure_memory(args) -> dict:
-    peaks = {}
+    """Every variant's peak, its children started together: each reads its own process's peak, and none is timed,
+    so they need not wait for each other (4 one-after-another children took most of a short run)."""
     env = {**os.environ, **memory_env()}
+    children = {}
     for name in VARIANTS:
         cmd = [sys.executable, __file__, "--model", args.model, "--layers", str(args.layers), "--batch",
                str(args.batch), "--seq", str(args.seq), "--memory-child", name]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-    return peaks
+        children[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    outputs = {name: p.communicate() for name, p in children.items()}
+    failed = [name for name, p in children.items() if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"the peak-memory child of {failed[0]} failed:\n{outputs[failed[0]][1][-3000:]}")
+    return {name: json.loads(out.strip().splitlines()[-1])["peak_mib"] for name, (out, _) in outputs.items()}
 
 
 def main(argv=None):
