@@ -216,7 +216,7 @@ def call_main(module: str, argv: list[str], isolate: bool) -> int:
     The tests chain the train.py mains in one process the same way, so in-process runs are the tested path."""
     if isolate:
         return subprocess.call([sys.executable, "-m", module, *argv], cwd=ROOT)
-    from common.runs import input_errors
+    from common.runs import error_text, input_errors
     threads = torch_threads()
     try:
         importlib.import_module(module).main(argv)
@@ -224,7 +224,7 @@ def call_main(module: str, argv: list[str], isolate: bool) -> int:
     except SystemExit as e:  # argparse and explicit exits keep their exit status
         return e.code if isinstance(e.code, int) else 1
     except input_errors() as e:  # one line naming it, as the script's own entry point (common.runs.cli) gives
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {error_text(e)}", file=sys.stderr, flush=True)
         return 2
     except Exception:  # one failed stage is reported and the others still run, as with a subprocess
         traceback.print_exc()

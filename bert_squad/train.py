@@ -165,8 +165,8 @@ def main(argv=None) -> dict:
                                              collate_fn=collator(cfg, tokenizer))
         return iter(loader)
 
-    resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
-    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume,
+    resume = hf.resume_checkpoint(cfg, out_dir, PIPELINE)
+    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=resume is None,
                                           train_device=args.device,
                                           calib_micro_batch=args.per_device_train_batch_size)
     distiller = build_distiller(cfg, build)
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     steps = 0
     if args.num_train_epochs > 0 or args.max_steps > 0:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result = trainer.train(resume_from_checkpoint=resume)
         steps = result.global_step
     if args.world_size > 1:  # evidence for the scale-out test: each rank's masks and clips after training
         torch.save({k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()

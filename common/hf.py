@@ -15,6 +15,7 @@ from .config import ConfigError, check_open_section, expand_paths, load_config, 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
 from .pact import clip_state_as_1d
+from .runs import is_main_process
 from .stage import check_stage_config
 
 
@@ -160,6 +161,21 @@ def load_stage_config(path, overrides: list[str] | None, pipeline: str) -> dict:
     check_open_section(cfg, overrides, "train", fields, "the fields of transformers' TrainingArguments")
     check_stage_config(cfg, overrides)
     return cfg
+
+
+def resume_checkpoint(cfg: dict, out_dir: Path, pipeline: str) -> str | None:
+    """resume=true: the run dir's last Trainer checkpoint (checkpoint-<step>), which training continues from, named
+    in the output; None without resume or without a checkpoint (training then starts from the beginning, and says
+    so, as ViT's loop does)."""
+    if not cfg.get("resume", False):
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+    last = get_last_checkpoint(str(out_dir))
+    if is_main_process():
+        print(f"[{pipeline}/{cfg.get('stage', '?')}] " +
+              (f"resuming from {last}" if last else f"resume=true but {out_dir} holds no checkpoint-<step>: "
+                                                     f"starting from the beginning"), flush=True)
+    return last
 
 
 def end_of_run(trainer: Trainer) -> None:

@@ -310,11 +310,24 @@ def input_errors() -> tuple[type[Exception], ...]:
     return ConfigError, RunError, RecipeError, FileNotFoundError
 
 
+def error_text(e: Exception) -> str:
+    """The message of a bad-input error, for one line. An error raised in a DataLoader worker (reading audio with
+    workers > 0) reaches the main process re-raised by torch with the worker's traceback in its message ("Caught
+    DataError in DataLoader worker process 0. Original Traceback ..."): its own message is what follows the
+    traceback's last line's class name."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        _, sep, own = text.rstrip().rpartition(f"{type(e).__name__}: ")
+        if sep:
+            return own
+    return text
+
+
 def cli(main, *own_errors: type[Exception]) -> None:
     """A script's entry point: bad input (`input_errors`, or one of the script's `own_errors`) ends with one line
     naming it (exit 2), not a traceback; anything else is a bug and keeps its traceback."""
     try:
         main()
     except (*input_errors(), *own_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         sys.exit(2)

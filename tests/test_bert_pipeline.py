@@ -82,7 +82,7 @@ def test_stage_chain_and_saved_model(env):
 
 
 @pytest.mark.parametrize("optim", [[], ["train.optim=sgd", "train.optim_args=momentum=0.9"]], ids=["adamw", "sgd"])
-def test_resume_is_bit_identical(env, optim):
+def test_resume_is_bit_identical(env, optim, capsys):
     """Interrupted at step 2 and resumed = uninterrupted, from a checkpoint written while the clips were 0-dim
     (earlier versions): the model loads them, and the optimizer state is reshaped to them (SGD's momentum; the
     Trainer's fused AdamW steps over 0-dim moments as it is)."""
@@ -102,7 +102,9 @@ def test_resume_is_bit_identical(env, optim):
     model, opt = with_scalar_clips(load_file(str(ckpt / "model.safetensors")), torch.load(ckpt / "optimizer.pt"))
     save_file(model, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     torch.save(opt, ckpt / "optimizer.pt")
+    capsys.readouterr()
     run("qat4_dense", base, f"output_dir={cut}", "resume=true")
+    assert f"resuming from {cut / 'checkpoint-2'}" in capsys.readouterr().out  # not started again from step 0
     assert_same_weights(root / ("full_" + name), cut)
 
 

@@ -55,7 +55,7 @@ def test_convert_equals_prepared_exactly(name, device):
 
 # batches big enough that some quantizer sees more than 2^18 values, so calibration subsamples them
 BIG_BATCHES = {"bert": lambda: bert_batch(70, 64), "wav2vec2": lambda: wav_batch(9, 2610),
-               "vit": lambda: torch.randn(1000, 3, 32, 32)}
+               "vit": lambda: torch.randn(250, 3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", list(CASES))

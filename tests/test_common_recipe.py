@@ -117,3 +117,17 @@ def test_dropout_step_at_reaches_the_hf_schedule(step_at, expected):
     cb = stage_callbacks({"dropout": {"schedule": "step", "end_p": 0.0, "step_at": step_at}})[0]
     assert isinstance(cb, ScheduledDropoutCallback) and cb.kw["step_at"] == step_at and cb.kw["schedule"] == "step"
     assert ScheduledDropout(torch.nn.Dropout(0.1), 100, **cb.kw).step_at == expected
+
+
+def test_resume_takes_up_the_last_checkpoint_and_says_so(tmp_path, capsys):
+    from common.hf import resume_checkpoint
+    assert resume_checkpoint({"stage": "qat4"}, tmp_path, "bert_squad") is None  # no resume asked: silent
+    assert capsys.readouterr().out == ""
+    cfg = {"stage": "qat4", "resume": True}
+    assert resume_checkpoint(cfg, tmp_path, "bert_squad") is None
+    assert "[bert_squad/qat4] resume=true but" in capsys.readouterr().out
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-11").write_text("FIXTURE: a file, not a checkpoint\n")
+    assert resume_checkpoint(cfg, tmp_path, "bert_squad") == str(tmp_path / "checkpoint-10")
+    assert f"[bert_squad/qat4] resuming from {tmp_path / 'checkpoint-10'}" in capsys.readouterr().out

@@ -1,17 +1,18 @@
 """common.runs: run-dir checks and the metrics a re-evaluation writes (unit level; the pipelines' eval tests run
 the real entry points)."""
 import json
-import subprocess
+import runpy
 import sys
+import warnings
 
 import pytest
+import torch
 import yaml
 
 from common.config import ConfigError
 from common.hf import check_model_source
-from common.runs import RunError, check_run_of, prepare_output_dir, read_metrics, reevaluated
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from common.runs import (DataError, RunError, check_run_of, cli, error_text, prepare_output_dir, read_metrics,
+                         reevaluated)
 
 
 def test_read_metrics_names_a_damaged_file(tmp_path):
@@ -49,15 +50,40 @@ def test_reevaluated_keeps_what_only_training_knows():
 
 
 @pytest.mark.parametrize("module", ["bert_squad.eval", "wav2vec_librispeech.eval", "vit_imagenet.eval"])
-def test_eval_cli_on_a_wrong_dir_is_one_line(module, tmp_path):
-    """Each eval entry point run as a script: a dir that is not its run ends with one line naming it (exit 2)."""
+def test_eval_cli_on_a_wrong_dir_is_one_line(module, tmp_path, monkeypatch, capsys):
+    """Each eval entry point run as a script (`python -m`, here in this process: a new one would spend ~15 s
+    importing): a dir that is not its run ends with one line naming it (exit 2), not a traceback."""
     (tmp_path / "config.yaml").write_text("stage: fp\n")
     (tmp_path / "metrics.json").write_text(json.dumps({"pipeline": "some_other"}))
-    p = subprocess.run([sys.executable, "-m", module, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.strip().splitlines()[-1] == (f"error: {tmp_path}: a some_other run (metrics.json), not a "
-                                                 f"{module.split('.')[0]} one; use python -m some_other.eval")
+    monkeypatch.setattr(sys, "argv", [module, str(tmp_path)])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        # runpy warns that the module was imported before (by other tests), which changes nothing here
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: a some_other run (metrics.json), not a {module.split('.')[0]} one; use python -m "
+        f"some_other.eval")
+
+
+class _BadAudio(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DataError("/data/train-clean-100/19/198/19-198-0001.flac: unreadable audio file")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
+    """torch re-raises a worker's error with the worker's traceback in its message: the line gives the error's own
+    message, as for one raised in the main process."""
+    def main():
+        next(iter(torch.utils.data.DataLoader(_BadAudio(), num_workers=1)))
+    with pytest.raises(SystemExit) as exit_:
+        cli(main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: /data/train-clean-100/19/198/19-198-0001.flac: unreadable audio file\n"
+    assert error_text(DataError("a.json: line 3\nsecond line")) == "a.json: line 3\nsecond line"
 
 
 def test_a_local_model_path_that_does_not_exist_is_named(tmp_path):

@@ -1,10 +1,10 @@
-"""2-process CPU (gloo) runs of the real bert_squad entry point (qat4 with KD from the FP model) under torchrun and
-accelerate launch, with DDP and with the Trainer's FSDP2: masks and clips identical on every rank, the same weights
-as a 1-process run with the same global batch (within float tolerance), an FSDP2 checkpoint resumed
+"""2-process CPU (gloo) runs of the real bert_squad entry point (qat4 with KD from the FP model), with DDP under
+torchrun and with the Trainer's FSDP2 under accelerate launch: masks and clips identical on every rank, the same
+weights as a 1-process run with the same global batch (within float tolerance), an FSDP2 checkpoint resumed
 bit-identically, a 2-process checkpoint resumed in 1 process; `common` in a loop of its own under torch's
 fully_shard with bf16 compute."""
 import re
-import sys
+import shutil
 import warnings
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import check_nm
+from common.runs import STARTUP_FILES
 from launchers import launched, run_launched, two_processes
 from run_checks import assert_close_weights, assert_same_weights
 
@@ -51,27 +52,52 @@ def setup(tmp_path_factory):
     return root, common
 
 
+def _argv(common, out, per_device, *extra):
+    return ["--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"), *common, f"output_dir={out}",
+            f"train.per_device_train_batch_size={per_device}", *extra]
+
+
 def _train(launch, root, common, out, per_device, *extra):
-    """Run bert_squad.train with `launch` (the python or torchrun command that takes a module name)."""
-    return run_launched(launch + ["bert_squad.train", "--config", str(ROOT / "bert_squad/configs/mini/qat4.yaml"),
-                                  *common, f"output_dir={out}", f"train.per_device_train_batch_size={per_device}",
-                                  *extra])
+    """Run bert_squad.train under `launch` (a launcher's command, ready for a module name); its output."""
+    return run_launched(launch + ["bert_squad.train", *_argv(common, out, per_device, *extra)])
 
 
-PY = [sys.executable, "-m"]
+def _train_here(common, out, per_device, *extra):
+    """One process: the entry point in this one (a launched one would spend most of its time importing)."""
+    from bert_squad import train as bert_train
+    bert_train.main(_argv(common, out, per_device, *extra))
+
 # the HF Trainer's FSDP2 (its default FSDP) on CPU processes: see tests/fsdp_cpu_launch.py
 FSDP = ["train.ddp_backend=gloo", "train.fsdp=true", "train.fsdp_config={transformer_layer_cls_to_wrap: [BertLayer]}"]
 
 
-def fsdp_torchrun():
-    return two_processes("torchrun", module=False) + [str(ROOT / "tests" / "fsdp_cpu_launch.py")]
+def fsdp_launch():
+    """FSDP2 runs start with `accelerate launch` (DDP's with torchrun), so that each launcher starts bert_squad.train
+    once here; wav2vec2's and ViT's tests run DDP under both."""
+    return two_processes("accelerate", module=False) + [str(ROOT / "tests" / "fsdp_cpu_launch.py")]
 
 
 @pytest.fixture(scope="module")
 def one_process(setup):
     root, common = setup
-    _train(PY, root, common, root / "one", 4)
+    _train_here(common, root / "one", 4)
     return load_file(str(root / "one" / "model.safetensors"))
+
+
+# a checkpoint after step 2 of the 3, which the resume tests take up (kept beside the one at the end)
+CHECKPOINT_AT_2 = ["train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=2"]
+
+
+def stopped_at_step_2(run: Path, to: Path) -> Path:
+    """A copy of a finished run as a job stopped right after its step-2 checkpoint left it: what a stage writes
+    before training (config.yaml, STARTUP_FILES) and that checkpoint (the steps up to it are the same whether or not
+    the run went on)."""
+    to.mkdir()
+    for f in run.iterdir():
+        if f.name in STARTUP_FILES:
+            shutil.copy2(f, to / f.name)
+    shutil.copytree(run / "checkpoint-2", to / "checkpoint-2")
+    return to
 
 
 def assert_matches(two_proc_dir, one):
@@ -85,31 +111,36 @@ def assert_matches(two_proc_dir, one):
     assert any(k.endswith(".hi") for k in r0)
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
-def test_two_process_gloo_matches_one_process(setup, one_process, launch):
+@pytest.fixture(scope="module")
+def ddp_run(setup):
+    """The 2-process DDP run under torchrun: the 1-process command as it is, the global batch of 4 kept, 4 per
+    device lowered to 2. Its dir and output."""
     root, common = setup
-    # the 1-process command as it is: the global batch of 4 is kept, 4 per device lowered to 2
-    log2 = _train(two_processes(launch), root, common, root / f"ddp2_{launch}", 4, "train.ddp_backend=gloo")
-    assert "effective batch 4 = 2 per device x 2 processes" in log2
-    assert_matches(root / f"ddp2_{launch}", one_process)
+    out = root / "ddp2"
+    return out, _train(two_processes("torchrun"), root, common, out, 4, "train.ddp_backend=gloo", *CHECKPOINT_AT_2)
 
 
-def test_resume_on_another_world_size(setup, one_process):
-    """A checkpoint of 2 processes (2 per device) resumes in 1 process (4 per device): the Trainer takes up the
-    same global batches, and the run ends where the uninterrupted 1-process run ends (float tolerance)."""
+def test_two_process_gloo_matches_one_process(ddp_run, one_process):
+    out, log = ddp_run
+    assert "effective batch 4 = 2 per device x 2 processes" in log
+    assert_matches(out, one_process)
+
+
+def test_resume_on_another_world_size(setup, ddp_run, one_process, capsys):
+    """A checkpoint of 2 processes (2 per device, torchrun's run above) resumes in 1 process (4 per device): the
+    Trainer takes up the same global batches, and the run ends where the uninterrupted 1-process run ends (float
+    tolerance)."""
     root, common = setup
-    out = root / "two_then_one"
-    log = _train(two_processes("torchrun"), root, common, out, 2, "train.ddp_backend=gloo", "interrupt_at_step=2",
-                 "train.save_strategy=steps", "train.save_steps=2")
-    assert "interrupted at step 2" in log
-    _train(PY, root, common, out, 4, "resume=true")
+    out = stopped_at_step_2(ddp_run[0], root / "two_then_one")
+    _train_here(common, out, 4, "resume=true")
+    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out  # not started again from step 0
     assert_close_weights(load_file(str(out / "model.safetensors")), one_process)
 
 
 @pytest.fixture(scope="module")
 def fsdp2_run(setup):
     root, common = setup
-    log = _train(fsdp_torchrun(), root, common, root / "fsdp2", 2, *FSDP)
+    log = _train(fsdp_launch(), root, common, root / "fsdp2", 2, *FSDP, *CHECKPOINT_AT_2)
     return root / "fsdp2", log
 
 
@@ -129,11 +160,10 @@ def test_fsdp2_resume_is_bit_identical(setup, fsdp2_run):
     """A sharded checkpoint (momentum buffers included) resumes, the full state loaded into the shards and the
     masks reapplied shard by shard, to the same weights as the uninterrupted run."""
     root, common = setup
-    part = ["train.save_strategy=steps", "train.save_steps=2"]
-    log = _train(fsdp_torchrun(), root, common, root / "resumed", 2, *FSDP, *part, "interrupt_at_step=2")
-    assert "interrupted at step 2" in log
-    _train(fsdp_torchrun(), root, common, root / "resumed", 2, *FSDP, "resume=true")
-    assert_same_weights(fsdp2_run[0], root / "resumed")
+    out = stopped_at_step_2(fsdp2_run[0], root / "resumed")
+    log = _train(fsdp_launch(), root, common, out, 2, *FSDP, "resume=true")
+    assert f"resuming from {out / 'checkpoint-2'}" in log  # not started again from step 0
+    assert_same_weights(fsdp2_run[0], out)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (benchmarks/gpu_check.sh runs it where there is one)")
@@ -259,7 +289,7 @@ def test_library_under_fully_shard_bf16(tmp_path, device):
 SEED_WORKER = r'''
 import json, sys, torch
 from torch import nn
-from common.hf import CompressionTrainer, training_arguments
+from common.hf import CompressionTrainer, end_of_run, training_arguments
 
 class Data(torch.utils.data.Dataset):
     def __len__(self): return 32
@@ -277,29 +307,41 @@ class Model(nn.Module):  # records its dropout masks and the samples it was give
         logits = self.lin(x * h)
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
-out, strategy = sys.argv[1], sys.argv[2]
-cfg = {"config_file": "worker", "global_batch_size": 8, "train": {
-    "per_device_train_batch_size": 4, "max_steps": 4, "report_to": "none", "save_strategy": "no", "seed": 42,
-    "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": strategy}}
-args = training_arguments(cfg, out)
-model = Model()
-CompressionTrainer(model=model, args=args, train_dataset=Data()).train()
-with open(f"{out}/rank{args.process_index}.json", "w") as f:
-    json.dump({"masks": model.masks, "seen": model.seen}, f)
+out = sys.argv[1]
+for strategy in sys.argv[2:]:  # one trainer after the other in the same processes, as one launch
+    cfg = {"config_file": "worker", "global_batch_size": 8, "train": {
+        "per_device_train_batch_size": 4, "max_steps": 4, "report_to": "none", "save_strategy": "no", "seed": 42,
+        "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": strategy}}
+    args = training_arguments(cfg, out)
+    model = Model()
+    trainer = CompressionTrainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    with open(f"{out}/{strategy}_rank{args.process_index}.json", "w") as f:
+        json.dump({"masks": model.masks, "seen": model.seen}, f)
+end_of_run(trainer)  # as the pipelines end: a gloo rank leaving first can abort its peer at exit
 '''
 
 
-@pytest.mark.parametrize("strategy", ["random", "group_by_length"])
-def test_each_rank_draws_its_own_dropout_masks(tmp_path, strategy):
+STRATEGIES = ["random", "group_by_length"]
+
+
+@pytest.fixture(scope="module")
+def seed_worker_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds")
+    script = out / "worker.py"
+    script.write_text(SEED_WORKER)
+    run_launched(two_processes("torchrun", module=False) + [str(script), str(out), *STRATEGIES])
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_rank_draws_its_own_dropout_masks(seed_worker_run, strategy):
     """The Trainer seeds every rank alike: with its seedable sampler the ranks are reseeded (seed + rank), so their
     dropout masks differ, and they still split every global batch between them (the data order has a generator of
     its own); with HF's length-grouped sampler, which draws the order from the global random state, they keep one
     seed, so that they still split the same order (the masks then repeat across ranks)."""
     import json
-    script = tmp_path / "worker.py"
-    script.write_text(SEED_WORKER)
-    run_launched(two_processes("torchrun", module=False) + [str(script), str(tmp_path), strategy])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((seed_worker_run / f"{strategy}_rank{r}.json").read_text()) for r in (0, 1)]
     assert (ranks[0]["masks"] != ranks[1]["masks"]) == (strategy == "random")
     seen = ranks[0]["seen"] + ranks[1]["seen"]
     assert len(seen) == 32 and sorted(seen) == [float(i) for i in range(32)]  # one epoch: every sample once

@@ -3,7 +3,7 @@ from a random init, so the ranks start from different weights and masks and only
 them agree; then a DistributedSampler epoch, KD off, a checkpoint with every rank's RNG state, and eval.py (one
 process) reproducing the sharded top-1."""
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +44,27 @@ def _args(digits, out, *extra):
             "train.save_every=3", "train.keep_checkpoint=true", "compression.calib_batches=2", *extra]
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """`run(launch)`: the 2-process run under torchrun or accelerate launch (once per module), its dir and output.
+    torchrun's runs without dropout: the resume test takes its checkpoint up in one process, whose dropout masks
+    could not match the ranks'; accelerate's keeps the config's dropout (per-rank RNG streams)."""
+    root = tmp_path_factory.mktemp("vit_ddp")
+    _tiny_tree(root / "digits")
+    runs = {}
+
+    def run(launch):
+        if launch not in runs:
+            out = root / f"run_{launch}"
+            extra = ["dropout.p=0.0"] if launch == "torchrun" else []
+            runs[launch] = out, run_launched(two_processes(launch) + _args(root / "digits", out, *extra))
+        return runs[launch]
+    return root / "digits", run
+
+
 @pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
-def test_two_processes(tmp_path, launch):
-    digits = tmp_path / "digits"
-    _tiny_tree(digits)
-    out = tmp_path / "run"
-    output = run_launched(two_processes(launch) + _args(digits, out))
+def test_two_processes(two_process_run, tmp_path, launch):
+    out, output = two_process_run[1](launch)
     assert "world 2 x batch 8 x accumulation 1 = global batch 16" in output
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_batch_size"] == 16 and m["train_steps"] == 6
@@ -66,21 +81,27 @@ def test_two_processes(tmp_path, launch):
     assert again["top1"] == m["top1"] and again["top5"] == m["top5"]
 
 
-def test_resume_on_another_world_size(tmp_path):
-    """A checkpoint of 2 processes (batch 8 each) resumes in 1 process (batch 8, accumulation 2): the same global
-    batches in the same order, so without dropout it ends where an uninterrupted 1-process run with batch 16 ends
-    (float tolerance: DDP's average vs one batch). The clips too: both calibrate on global batches."""
-    digits = tmp_path / "digits"
-    _tiny_tree(digits)
+def test_resume_on_another_world_size(two_process_run, tmp_path, capsys):
+    """A checkpoint of 2 processes (batch 8 each; torchrun's run above, at step 3 of 6) resumes in 1 process (batch
+    8, accumulation 2): the same global batches in the same order, so without dropout it ends where an
+    uninterrupted 1-process run with batch 16 ends (float tolerance: DDP's average vs one batch). The clips too:
+    both calibrate on global batches."""
+    digits, run = two_process_run
+    two, _ = run("torchrun")
+    cut = tmp_path / "cut"  # the run as a job stopped right after its step-3 checkpoint leaves it
+    cut.mkdir()
+    for f in ("config.yaml", "checkpoint.pt"):
+        shutil.copy2(two / f, cut / f)
     nodrop = ["dropout.p=0.0"]
-    run_launched(two_processes("torchrun") + _args(digits, tmp_path / "cut", *nodrop, "interrupt_at_step=3"))
-    assert not (tmp_path / "cut" / "model.safetensors").exists()
     with pytest.raises(RunError, match="same global batch and step count"):  # another global batch: refused
-        vit_train.main(_args(digits, tmp_path / "cut", *nodrop, "resume=true", "train.global_batch_size=8")[1:])
-    log = run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "cut", *nodrop, "resume=true"))
+        vit_train.main(_args(digits, cut, *nodrop, "resume=true", "train.global_batch_size=8")[1:])
+    capsys.readouterr()
+    # the 1-process runs in this process
+    vit_train.main(_args(digits, cut, *nodrop, "resume=true")[1:])
+    log = capsys.readouterr().out
     assert "resumed at step 3 on 1 processes a checkpoint saved by 2" in log
     assert "world 1 x batch 8 x accumulation 2 = global batch 16" in log
-    run_launched([sys.executable, "-m"] + _args(digits, tmp_path / "full", *nodrop, "train.batch_size=16"))
+    vit_train.main(_args(digits, tmp_path / "full", *nodrop, "train.batch_size=16")[1:])
     assert_close_weights(*(load_file(str(tmp_path / d / "model.safetensors")) for d in ("cut", "full")))
     logged, full = ([r for r in json.loads((tmp_path / d / "log_history.json").read_text()) if "loss" in r]
                     for d in ("cut", "full"))

@@ -256,8 +256,8 @@ def main(argv=None) -> dict:
         order = length_grouped_batches(train_ds.lengths, global_batch, args.seed)
         return iter(torch.utils.data.DataLoader(train_ds, batch_sampler=order, collate_fn=CTCCollator(False)))
 
-    resume = cfg.get("resume", False) and any(out_dir.glob("checkpoint-*"))
-    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=not resume,
+    resume = hf.resume_checkpoint(cfg, out_dir, PIPELINE)
+    model, init_state = build_stage_model(cfg, build, calib_batches, do_calibrate=resume is None,
                                           train_device=device,
                                           calib_micro_batch=args.per_device_train_batch_size)
     if cfg.get("freeze_feature_encoder", True):
@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
     t0, c0 = time.time(), time.process_time()
     steps = 0
     if args.num_train_epochs > 0 or args.max_steps > 0:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result = trainer.train(resume_from_checkpoint=resume)
         steps = result.global_step
     else:
         print(f"[{PIPELINE}/{cfg['stage']}] no training steps (num_train_epochs 0): evaluate and save "
