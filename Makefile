@@ -13,6 +13,7 @@ NPROC ?= 1
 PIPELINES ?= bert_squad vit_imagenet wav2vec_librispeech
 RESULTS_DIR ?= results
 OVERRIDES ?=
+TEST_WORKERS ?= 2
 
 .PHONY: test reproduce results venv clean-venv bench bench-gpu gpu-check
 
@@ -25,8 +26,9 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(VPY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
+# 2 pytest-xdist workers (the CI machine's 2 cores; TEST_WORKERS=0: one process), grouped as tests/conftest.py says
 test: venv
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # The main job: every stage (and ablation) of every pipeline at SCALE, then results/ regenerated from the runs.
 reproduce: venv

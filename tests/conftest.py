@@ -27,6 +27,19 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                  reason="needs a CUDA GPU"))]
 
 
+# `make test` runs the suite on 2 pytest-xdist workers (-n 2 --dist loadgroup). Each test module stays on one worker,
+# so its module fixtures (trained runs other tests reuse) are built once; the modules that launch 2-process runs share
+# one worker, so that one launch runs at a time: two at once would each take twice as long on 2 cores, and the
+# accelerate launcher's free-port pick could collide. Without xdist the marks do nothing.
+LAUNCHING_MODULES = {"test_distributed", "test_vit_ddp", "test_wav2vec_pipeline"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group("launches" if module in LAUNCHING_MODULES else module))
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
