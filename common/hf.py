@@ -90,13 +90,12 @@ class CompressionTrainer(Trainer):
     (e.g. CTC frames of padded audio): the KL is then averaged per sequence, then over sequences (common.kd_kl)."""
 
     def __init__(self, *args, distiller: DistillationLoss | None = None, kd_mask_fn=None, **kwargs):
-        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if isinstance(targs, TrainingArguments) and targs.data_seed is None:
+        super().__init__(*args, **kwargs)
+        if self.args.data_seed is None:
             # Accelerate seeds its sampler with the global initial seed when data_seed is unset, which the per-rank
             # reseed below changes: a train loader built later (a second train(), auto_find_batch_size) would give
             # each rank another order. The same value, fixed now.
-            targs.data_seed = targs.seed
-        super().__init__(*args, **kwargs)
+            self.args.data_seed = self.args.seed
         self.distiller = distiller
         self.kd_mask_fn = kd_mask_fn
         self.add_callback(PerRankSeedCallback(self.order_has_own_generator))

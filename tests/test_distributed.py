@@ -57,7 +57,7 @@ def _argv(common, out, per_device, *extra):
             f"train.per_device_train_batch_size={per_device}", *extra]
 
 
-def _train(launch, root, common, out, per_device, *extra):
+def _train(launch, common, out, per_device, *extra):
     """Run bert_squad.train under `launch` (a launcher's command, ready for a module name); its output."""
     return run_launched(launch + ["bert_squad.train", *_argv(common, out, per_device, *extra)])
 
@@ -117,7 +117,7 @@ def ddp_run(setup):
     device lowered to 2. Its dir and output."""
     root, common = setup
     out = root / "ddp2"
-    return out, _train(two_processes("torchrun"), root, common, out, 4, "train.ddp_backend=gloo", *CHECKPOINT_AT_2)
+    return out, _train(two_processes("torchrun"), common, out, 4, "train.ddp_backend=gloo", *CHECKPOINT_AT_2)
 
 
 def test_two_process_gloo_matches_one_process(ddp_run, one_process):
@@ -140,7 +140,7 @@ def test_resume_on_another_world_size(setup, ddp_run, one_process, capsys):
 @pytest.fixture(scope="module")
 def fsdp2_run(setup):
     root, common = setup
-    log = _train(fsdp_launch(), root, common, root / "fsdp2", 2, *FSDP, *CHECKPOINT_AT_2)
+    log = _train(fsdp_launch(), common, root / "fsdp2", 2, *FSDP, *CHECKPOINT_AT_2)
     return root / "fsdp2", log
 
 
@@ -161,7 +161,7 @@ def test_fsdp2_resume_is_bit_identical(setup, fsdp2_run):
     masks reapplied shard by shard, to the same weights as the uninterrupted run."""
     root, common = setup
     out = stopped_at_step_2(fsdp2_run[0], root / "resumed")
-    log = _train(fsdp_launch(), root, common, out, 2, *FSDP, "resume=true")
+    log = _train(fsdp_launch(), common, out, 2, *FSDP, "resume=true")
     assert f"resuming from {out / 'checkpoint-2'}" in log  # not started again from step 0
     assert_same_weights(fsdp2_run[0], out)
 
@@ -174,7 +174,7 @@ def test_fsdp2_pipeline_on_cuda(setup):
     root, common = setup
     n = min(2, torch.cuda.device_count())
     out = root / "fsdp2_cuda"
-    log = _train(two_processes("torchrun", n=n), root, common, out, 4, "train.fsdp=true", "train.bf16=true",
+    log = _train(two_processes("torchrun", n=n), common, out, 4, "train.fsdp=true", "train.bf16=true",
                  "train.fsdp_config={transformer_layer_cls_to_wrap: [BertLayer]}")
     assert f"effective batch 4 = {4 // n} per device x {n} processes" in log
     assert "KD teacher sharded with FSDP2 like the student: 3 units" in log
