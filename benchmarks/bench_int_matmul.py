@@ -1,11 +1,12 @@
-"""The integer matmul of the compressed linears vs the float32 one, at BERT-base shapes, measured in one run; prints
-ratios and what COMMON_INT_MATMUL=auto chooses on this CPU.
+"""The integer matmul kernels of the compressed linears vs the float32 matmul, at BERT-base shapes, measured in one
+run; prints ratios and what COMMON_INT_MATMUL=auto chooses on this CPU.
 
     python benchmarks/bench_int_matmul.py [--tokens 768] [--iters 10]
 
-Both sides multiply the same 4-bit operands: int8 codes through `common.int_matmul.int_linear` (oneDNN's
-torch._int_mm, int32 sums, one scale) and their float32 values through `F.linear`, as the compressed linear does
-in each mode. Interleaved, so machine load affects both alike; the median of `--iters` timed calls each.
+Every side multiplies the same 4-bit operands: int8 codes through `common.int_matmul.int_linear` with each kernel
+that runs on this CPU (`int_mm`: torch._int_mm; `onednn`: oneDNN's quantized linear, weight packing included, as
+each training step packs it) and their float32 values through `F.linear`, as the compressed linear does in each
+mode. Interleaved, so machine load affects all alike; the median of `--iters` timed calls each.
 """
 from __future__ import annotations
 
@@ -37,13 +38,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"instructions: {', '.join(int_matmul.int8_dot_instructions()) or 'none'}; "
           f"COMMON_INT_MATMUL={int_matmul.describe()}")
     rows = []
+    kernels = [k for k in int_matmul.KERNELS if k != "onednn" or int_matmul.onednn_qlinear_usable()]
+    mode = int_matmul.int_matmul_mode()
     for k, n in SHAPES:
         k, n = k // args.scale, n // args.scale
-        xc = torch.randint(-15, 16, (args.tokens, k), dtype=torch.int8, generator=g)
+        zp = torch.tensor(7.0)  # activation codes with their zero point folded in: k_x in -7..8
+        xc = torch.randint(-7, 9, (args.tokens, k), dtype=torch.int8, generator=g)
         wc = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
         sx, sw = torch.tensor(0.05), torch.tensor(0.01)
         x, w = xc.float() * sx, wc.float() * sw  # the same operands in float32, as the float mode multiplies them
-        calls = {"int8": lambda: int_matmul.int_linear(xc, sx, wc, sw, None), "float32": lambda: F.linear(x, w)}
+
+        def kernel_call(name):
+            def call():
+                int_matmul.set_int_matmul(name)
+                try:
+                    return int_matmul.int_linear(xc, sx, zp, wc, sw, None)
+                finally:
+                    int_matmul.set_int_matmul(mode)
+            return call
+        calls = {"float32": lambda: F.linear(x, w), **{name: kernel_call(name) for name in kernels}}
         times = {name: [] for name in calls}
         for it in range(args.iters + 1):  # the first round warms up
             for name, f in calls.items():
@@ -52,11 +65,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if it:
                     times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(v) for name, v in times.items()}
-        row = {"shape": f"{args.tokens}x{k} @ {k}x{n}", "int8_ms": 1e3 * med["int8"],
-               "float32_ms": 1e3 * med["float32"], "int8_over_float32": med["int8"] / med["float32"]}
+        row = {"shape": f"{args.tokens}x{k} @ {k}x{n}", "float32_ms": 1e3 * med["float32"]}
+        for name in kernels:
+            row[f"{name}_ms"] = 1e3 * med[name]
+            row[f"{name}_over_float32"] = med[name] / med["float32"]
         rows.append(row)
-        print(f"{row['shape']:>22}: int8 {row['int8_ms']:8.2f} ms, float32 {row['float32_ms']:8.2f} ms, "
-              f"int8 / float32 = {row['int8_over_float32']:.2f}x")
+        print(f"{row['shape']:>22}: float32 {row['float32_ms']:8.2f} ms" + "".join(
+            f", {name} {row[f'{name}_ms']:8.2f} ms ({name} / float32 = {row[f'{name}_over_float32']:.2f}x)"
+            for name in kernels))
     return rows
 
 

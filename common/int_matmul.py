@@ -4,18 +4,25 @@ With zero-preserving grids on both operands (the paper's format, both sides), th
 k_x * s_x (k_x an integer, its zero point folded in) and the weight k_w * s_w, so the layer's matmul is
 (k_x @ k_wᵀ) * s_x * s_w: an int8 matmul whose int32 sum is exact, then one multiply. It gives the float32 matmul
 of the fake-quantized operands up to float32's rounding, more exactly (one rounding, not one per addition).
-Why (issue 9): on CPU, oneDNN's int8 matmul (torch._int_mm) measured 4.4x faster than the float32 one at
-ViT-base shapes on an AMD EPYC with AVX512-VNNI; it is the training forward's largest cost. Without an int8
-dot-product instruction it is the other way round: 21-27x *slower* than float32 at BERT-base shapes on an AMD EPYC
-with AVX2 only (2026-12-02, `python benchmarks/bench_int_matmul.py`), which made a W4A4+2:4 BERT training step 7.5x
-the FP one (`COMMON_INT_MATMUL=1 python benchmarks/bench_train_step.py --model bert`; 0.97x with the float32 one).
 The backward is unchanged (float straight-through gradients from the saved float operands).
 
-COMMON_INT_MATMUL=auto (default): on a CPU with an int8 dot-product instruction (x86 AVX512-VNNI, AVX-VNNI or
-AMX-INT8: `has_int8_dot`), for float32 inputs outside autocast, where the sums are exact (below); =1: on every CPU
-(e.g. to measure it); =0: never (the float32 matmul of the fake-quantized operands). `set_int_matmul` does the
-same. Choice: CPU only, as it is the only place it was measured (a GPU's float matmul is another trade-off); of the
-dot-product instructions only AVX512-VNNI was measured, the others are assumed alike.
+Why (issue 9): the forward's matmul is the largest single cost of a CPU training step. Two kernels, each where it
+was measured faster than float32 (`python benchmarks/bench_int_matmul.py`, BERT/ViT-base shapes):
+- `int_mm`: torch._int_mm (oneDNN, signed int8 codes both sides): 4.4x faster than float32 at ViT-base shapes on an
+  AMD EPYC with AVX512-VNNI. Without an int8 dot-product instruction it is the other way round: 21-27x *slower*
+  on an AMD EPYC with AVX2 only (2026-12-02), which made a W4A4+2:4 BERT step 7.5x the FP one.
+- `onednn`: oneDNN's quantized linear (torch.ops.onednn.qlinear_pointwise, the kernel of PyTorch's x86 int8
+  inference) on unsigned activation codes with their zero point (k_x + z in 0..2^a - 1) and signed weight codes,
+  the weight packed at each call (weights change every step): 1.5-2x faster than float32, packing included, on
+  that AVX2-only EPYC (2026-12-02), where AVX2's u8 x s8 multiply-add serves it.
+
+COMMON_INT_MATMUL=auto (default): `int_mm` on a CPU with an int8 dot-product instruction (x86 AVX512-VNNI,
+AVX-VNNI or AMX-INT8: `has_int8_dot`), `onednn` on other x86 CPUs with AVX2, off elsewhere; in each case for
+float32 inputs outside autocast, where the sums are exact (below). =1: on with the kernel auto picks (`int_mm`
+where auto picks none); =int_mm or =onednn: that kernel on every CPU (e.g. to measure it); =0: never (the float32
+matmul of the fake-quantized operands). `set_int_matmul` does the same. Choice: CPU only, as it is the only place
+it was measured (a GPU's float matmul is another trade-off); `int_mm` stays on the dot-product CPUs because it is
+the one measured there.
 """
 from __future__ import annotations
 
@@ -23,29 +30,42 @@ import torch
 
 from .kernels import mode_from_env, parse_mode
 
-_MODES = ("auto", "1", "0")
+KERNELS = ("int_mm", "onednn")
+_MODES = ("auto", "1", "0", *KERNELS)
 _mode = "auto"
 INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")  # torch.cpu.get_capabilities() names
 
 
 def set_int_matmul(mode: str | bool) -> None:
-    """'auto', '1' / True or '0' / False: whether compressed linears use the integer matmul (module docstring)."""
+    """'auto', '1' / True, '0' / False, or a kernel of KERNELS: whether and how compressed linears use the integer
+    matmul (module docstring)."""
     global _mode
     _mode = parse_mode(mode, _MODES, "1", "integer matmul")
 
 
-def int8_dot_instructions() -> tuple[str, ...]:
-    """The INT8_DOT instructions this CPU has; none where torch cannot tell (torch.cpu.get_capabilities is recent)."""
+def _capabilities() -> dict:
     try:
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return ()
+        return torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # torch.cpu.get_capabilities is recent
+        return {}
+
+
+def int8_dot_instructions() -> tuple[str, ...]:
+    """The INT8_DOT instructions this CPU has; none where torch cannot tell."""
+    caps = _capabilities()
     return tuple(k for k in INT8_DOT if caps.get(k))
 
 
-# read once, at import, into a plain global rather than a cache: torch.compile reads a global as a constant, where it
+def onednn_qlinear_usable() -> bool:
+    """Whether `onednn` can serve here: an x86 CPU with AVX2 and a torch built with oneDNN's quantized linear."""
+    return (bool(_capabilities().get("avx2")) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+
+
+# read once, at import, into plain globals rather than a cache: torch.compile reads a global as a constant, where it
 # would trace into get_capabilities (whose result it cannot put in a graph) from inside a compiled model's first call
 _int8_dot = bool(int8_dot_instructions())
+_avx2_onednn = onednn_qlinear_usable()
 
 
 def has_int8_dot() -> bool:
@@ -54,16 +74,28 @@ def has_int8_dot() -> bool:
     return _int8_dot
 
 
-def active() -> bool:
-    """Whether the mode turns the integer matmul on for this CPU (`usable` adds the per-call conditions)."""
-    return _mode == "1" or (_mode == "auto" and has_int8_dot())
+def _auto_kernel() -> str | None:
+    return "int_mm" if _int8_dot else "onednn" if _avx2_onednn else None
+
+
+def kernel() -> str | None:
+    """The kernel (of KERNELS) the mode selects on this CPU, None where the integer matmul is off (`usable` adds
+    the per-call conditions)."""
+    if _mode in KERNELS:
+        return _mode
+    if _mode == "auto":
+        return _auto_kernel()
+    return (_auto_kernel() or "int_mm") if _mode == "1" else None
 
 
 def describe() -> str:
-    """The mode and what it means here, for benchmark records: e.g. 'auto (off: no int8 dot-product instruction)'."""
+    """The mode and what it means here, for run and benchmark records, e.g. 'auto (onednn: AVX2, no int8
+    dot-product instruction)'; each kernel rounds in its own way."""
     if _mode == "auto":
-        return f"auto ({'on' if _int8_dot else 'off'}: {'an' if _int8_dot else 'no'} int8 dot-product instruction)"
-    return _mode
+        why = ("an int8 dot-product instruction" if _int8_dot else "AVX2, no int8 dot-product instruction"
+               if _avx2_onednn else "off: neither an int8 dot-product instruction nor AVX2 with oneDNN")
+        return f"auto ({_auto_kernel()}: {why})" if _auto_kernel() else f"auto ({why})"
+    return f"1 ({kernel()})" if _mode == "1" else _mode
 
 
 mode_from_env("COMMON_INT_MATMUL", set_int_matmul)
@@ -83,16 +115,23 @@ def exact(a_bits: int, w_bits: int, k: int) -> bool:
 
 
 def usable(x: torch.Tensor, a_bits: int, a_zero_preserving: bool, w_bits: int, w_zero_preserving: bool) -> bool:
-    """Whether the integer matmul applies to input `x` of a layer quantized so (see the module docstring)."""
-    return (active() and a_zero_preserving and w_zero_preserving and x.device.type == "cpu"
+    """Whether the integer matmul applies to input `x` of a layer quantized so (see the module docstring). Not
+    `onednn` inside a user's torch.compile: inductor lowers oneDNN's quantized linear only for weights packed once,
+    as graph constants, and ours change every step (the compiled model runs the float32 matmul instead)."""
+    k = kernel()
+    return (k is not None and not (k == "onednn" and torch.compiler.is_compiling())
+            and a_zero_preserving and w_zero_preserving and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and x.numel() > 0
             and exact(a_bits, w_bits, x.shape[-1]))
 
 
-def int_linear(x_codes: torch.Tensor, x_step: torch.Tensor, w_codes: torch.Tensor, w_step: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """(x_codes @ w_codesᵀ) * x_step * w_step + bias in float32; x_codes [..., K] and w_codes [N, K] int8,
-    x_step one step, w_step one step or one per output row ([N, 1])."""
+def int_linear(x_codes: torch.Tensor, x_step: torch.Tensor, x_zero_point: torch.Tensor, w_codes: torch.Tensor,
+               w_step: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(x_codes @ w_codesᵀ) * x_step * w_step + bias in float32, with the kernel `kernel()` names; x_codes [..., K]
+    and w_codes [N, K] int8 (x_codes with the zero point folded in: k_x = code - zero point), x_step one step and
+    x_zero_point its integer zero point (one element each), w_step one step or one per output row ([N, 1])."""
+    if kernel() == "onednn":
+        return _onednn_linear(x_codes, x_step, x_zero_point, w_codes, w_step, bias)
     k = x_codes.shape[-1]
     acc = torch._int_mm(x_codes.reshape(-1, k), w_codes.t())  # w_codesᵀ as a view: measured faster than a copy
     scale = x_step.float() * (w_step.float().reshape(1, -1) if w_step.numel() > 1 else w_step.float())
@@ -103,3 +142,15 @@ def int_linear(x_codes: torch.Tensor, x_step: torch.Tensor, w_codes: torch.Tenso
     if bias is not None:
         y.add_(bias.to(torch.float32))
     return y
+
+
+def _onednn_linear(x_codes, x_step, x_zero_point, w_codes, w_step, bias):
+    """`int_linear` through oneDNN's quantized linear: the activation codes back on their unsigned grid (code + zero
+    point, 0..2^a - 1 as uint8, which AVX2's u8 x s8 multiply-add takes as it is), the weight packed for oneDNN."""
+    zp = x_zero_point.reshape(()).to(torch.int8)
+    xu = (x_codes + zp).view(torch.uint8)  # in 0..2^a - 1 < 128: the same bits as uint8
+    w_scale = w_step.float().reshape(-1)
+    packed = torch.ops.onednn.qlinear_prepack(w_codes, None)
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        xu, x_step.float().reshape(()), zp.long(), packed, w_scale, torch.zeros_like(w_scale, dtype=torch.long),
+        None if bias is None else bias.to(torch.float32), 1.0, 0, torch.float32, "none", [], "")

@@ -72,8 +72,8 @@ class CompressedLinearFn(torch.autograd.Function):
         else:
             wq = weight
         if use_int:
-            xq, lo_eff, hi_eff, xcodes, xstep = _act_forward_codes(x, lo, hi, aspec[0])
-            y = int_matmul.int_linear(xcodes, xstep, codes, step, bias)
+            xq, lo_eff, hi_eff, xcodes, xstep, xzp = _act_forward_codes(x, lo, hi, aspec[0])
+            y = int_matmul.int_linear(xcodes, xstep, xzp, codes, step, bias)
         else:
             if aspec is not None:
                 xq, lo_eff, hi_eff = _act_forward(x, lo, hi, aspec[0], aspec[1])

@@ -21,11 +21,11 @@ def _act_forward(x, lo, hi, bits, zero_preserving):
 
 
 def _act_forward_codes(x, lo, hi, bits, values=True):
-    """`_act_forward` on the zero-preserving grid, also giving the int8 codes and the step (for int_matmul);
-    values=False: no float values (xq is None)."""
+    """`_act_forward` on the zero-preserving grid, also giving the int8 codes (zero point folded in), the step and
+    the zero point (for int_matmul); values=False: no float values (xq is None)."""
     scale, zp, lo_eff, hi_eff = act_qparams(lo, hi, bits, True)
     xq, codes = quantize_act_codes(x, scale, zp, bits, values)
-    return xq, lo_eff, hi_eff, codes, scale
+    return xq, lo_eff, hi_eff, codes, scale, zp
 
 
 def _act_backward(g, x, xq, lo_eff, hi_eff, want_lo, plus):

@@ -234,8 +234,8 @@ class FrozenCompressedLinear(nn.Module):
         if aq is not None and self.weight is None and int_matmul.usable(x, aq.bits, aq.zero_preserving, self.w_bits,
                                                                          self.zero_preserving):
             # as the prepared layer computes it (common.int_matmul), so that both give the same outputs
-            _, _, _, codes, step = _act_forward_codes(x, aq.lo, aq.hi, aq.bits, values=False)
-            return int_matmul.int_linear(codes, step, self.weight_codes, self.weight_step, self.bias)
+            _, _, _, codes, step, zp = _act_forward_codes(x, aq.lo, aq.hi, aq.bits, values=False)
+            return int_matmul.int_linear(codes, step, zp, self.weight_codes, self.weight_step, self.bias)
         if aq is not None:
             scale, zp, _, _ = act_qparams(aq.lo, aq.hi, aq.bits, aq.zero_preserving)
             x = quantize_act(x, scale, zp, aq.bits, aq.zero_preserving)

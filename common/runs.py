@@ -226,7 +226,7 @@ def stage_metrics(cfg: dict, model: torch.nn.Module, pipeline: str, main_metric:
         "train_steps": int(train_steps), "train_runtime_s": round(float(runtime_s), 1),
         "hardware": hardware(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if comp["w_bits"] < 32:  # which matmul the compressed linears ran: the two round differently (int_matmul.py)
+    if comp["w_bits"] < 32:  # which matmul the compressed linears ran: each rounds in its own way (int_matmul.py)
         from . import int_matmul
         out["int_matmul"] = "unused (GPU)" if torch.cuda.is_available() else int_matmul.describe()
     if cfg.get("ablation"):

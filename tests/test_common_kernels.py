@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import kernels
+from common import int_matmul, kernels
 from common.linear import CompressedLinear, WeightQuantSpec
 from common.pact import ActQuantizer
 
@@ -181,7 +181,8 @@ def test_quant_codes_are_fake_quant_codes_codes(mode, layout, device):
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_mask_in_place(mode, dtype, layout, device):
+def test_mask_in_place(mode, dtype, layout, device, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_MASK_CHUNK", 64)  # 480 values: 7 whole chunks and a part on CPU
     g0 = torch.randn(12, 40, device=device)
     mask = torch.rand(12, 40, device=device) > 0.5
     if layout == "transposed":  # not laid out alike: the eager fallback
@@ -194,18 +195,21 @@ def test_mask_in_place(mode, dtype, layout, device):
         assert out is g and torch.equal(g, expect)
 
 
-@pytest.mark.parametrize("int_mm", ["auto, off", "1"])
+@pytest.mark.parametrize("int_mm", ["auto, off", "int_mm", pytest.param("onednn", marks=pytest.mark.skipif(
+    not int_matmul.onednn_qlinear_usable(), reason="no AVX2 CPU with oneDNN's quantized linear"))])
 def test_a_compressed_block_compiles_as_one_graph(monkeypatch, int_mm):
     """A user's torch.compile(model, fullgraph=True) over compressed linears and quantized attention: no graph
     break, and the outputs and gradients of eager execution, also after a second batch size has made dynamo
     recompile with dynamic shapes (checked on BERT and ViT too, by hand: 65-85 s of compiling). What used to break
     it: the `signed` buffer read in the forward, the CPU's capabilities traced through a cache, `_Flat` sorting
-    symbolic strides. With the float32 matmul as `auto` picks it on a CPU without an int8 dot-product instruction
-    (the capability read as a constant), and with the integer matmul forced."""
-    from common import int_matmul
+    symbolic strides. With the float32 matmul as `auto` picks it on a CPU that has no fast integer kernel (the
+    capabilities read as constants), and with each integer kernel forced: `onednn` gives way to the float32 matmul
+    in the compiled model (inductor takes oneDNN's quantized linear only with a weight packed once), within float
+    rounding of the eager model's."""
     from common.attention import AttentionQuantizers, attention_core
     monkeypatch.setattr(int_matmul, "_mode", int_mm.split(",")[0])
     monkeypatch.setattr(int_matmul, "_int8_dot", False)
+    monkeypatch.setattr(int_matmul, "_avx2_onednn", False)
     H, D = 2, 8
 
     class Block(torch.nn.Module):  # timm's ViT attention in miniature: fused qkv, q/k/v views of it, projection
