@@ -33,8 +33,8 @@ def test_exact_bounds():
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("zp", [0, 6, 15])
 def test_int_linear_is_the_exact_integer_product(mode, kernel, zp):
-    """4-bit activation codes with their zero point folded in (k - zp for k in 0..15, both ends present) times 3-bit
-    and 4-bit weight codes, the extreme ones included (the largest products and sums)."""
+    """4-bit activation codes with their zero point folded in (k - zp for k in 0..15, both ends present) times 4-bit
+    weight codes (-7..7), the extreme ones included (the largest products and sums)."""
     mode(kernel)
     g = torch.Generator().manual_seed(0)
     xc = torch.randint(-zp, 16 - zp, (3, 5, 96), dtype=torch.int8, generator=g)
