@@ -92,9 +92,10 @@ def describe() -> str:
     """The mode and what it means here, for run and benchmark records, e.g. 'auto (onednn: AVX2, no int8
     dot-product instruction)'; each kernel rounds in its own way."""
     if _mode == "auto":
-        why = ("an int8 dot-product instruction" if _int8_dot else "AVX2, no int8 dot-product instruction"
-               if _avx2_onednn else "off: neither an int8 dot-product instruction nor AVX2 with oneDNN")
-        return f"auto ({_auto_kernel()}: {why})" if _auto_kernel() else f"auto ({why})"
+        k = _auto_kernel()
+        why = {"int_mm": "an int8 dot-product instruction", "onednn": "AVX2, no int8 dot-product instruction",
+               None: "neither an int8 dot-product instruction nor AVX2 with oneDNN"}[k]
+        return f"auto ({k or 'off'}: {why})"
     return f"1 ({kernel()})" if _mode == "1" else _mode
 
 
