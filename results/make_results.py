@@ -186,6 +186,22 @@ def _read_json(path: Path, what: str, expect: type):
     return data
 
 
+def under_runs_dir(value, runs_dir: Path):
+    """A run dir a stage started from (`init_from`), shown as the run_dir column shows runs: relative to RUNS_DIR
+    (mini/bert_squad/sparse), whether it was recorded absolute (reproduce's resolved RUNS_DIR, a path of the
+    machine that ran it) or relative to the repository root, where the stages run. Anything else (a hub name, a
+    path outside RUNS_DIR) stays as recorded."""
+    if not isinstance(value, str) or not value:
+        return value
+    p, base = Path(value), runs_dir.resolve()
+    for cand in ([p] if p.is_absolute() else [ROOT / p, Path.cwd() / p]):
+        try:
+            return cand.resolve().relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return value
+
+
 def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
     """Returns (run, "") or (None, reason it was skipped)."""
     mpath = d / "metrics.json"
@@ -224,6 +240,7 @@ def load_run(d: Path, runs_dir: Path) -> tuple[Run | None, str]:
     logs = _read_json(d / "log_history.json", "log_history.json", list) or []
     comp = _read_json(d / "compression.json", "compression.json", dict)
     ws = d / "weight_sample.npz"
+    m["init_from"] = under_runs_dir(m.get("init_from"), runs_dir)
     return Run(d, d.relative_to(runs_dir).as_posix(), m, config, sha, [x for x in logs if isinstance(x, dict)],
                comp, ws if ws.is_file() else None), ""
 

@@ -157,6 +157,25 @@ def test_rerun_is_byte_identical_and_cli_works(runs, tmp_path):
     assert first == second
 
 
+def test_init_from_is_shown_relative_to_the_runs_dir(runs, tmp_path, monkeypatch):
+    """reproduce records init_from with its absolute RUNS_DIR: the tables show it as the run_dir column does, so
+    that results/ does not name the machine's paths; a hub name or a path elsewhere stays as recorded."""
+    q = runs / "mini" / "bert_squad" / "qat4" / "metrics.json"
+    q.write_text(json.dumps({**json.loads(q.read_text()), "init_from": str(runs / "mini" / "bert_squad" / "fp")}))
+    out = tmp_path / "out"
+    assert make_results.main([str(runs), "--out", str(out)]) == 0
+    main = {(r["pipeline"], r["stage"]): r for r in _rows(out / "main_table.csv") if r["status"] == "ok"}
+    assert main[("bert_squad", "qat4")]["init_from"] == "mini/bert_squad/fp"
+    assert main[("bert_squad", "fp")]["init_from"] == "fixture"
+    assert "| mini/bert_squad/fp |" in (out / "README.md").read_text()
+    # relative paths as the stages ran them, from the repository root (or the current dir)
+    monkeypatch.chdir(tmp_path)
+    assert make_results.under_runs_dir("runs/mini/bert_squad/sparse", runs) == "mini/bert_squad/sparse"
+    assert make_results.under_runs_dir(str(tmp_path / "elsewhere"), runs) == str(tmp_path / "elsewhere")
+    assert make_results.under_runs_dir("bert-base-uncased", runs) == "bert-base-uncased"
+    assert make_results.under_runs_dir(None, runs) is None
+
+
 def _filled_out(out):
     """An --out that already holds results (FIXTURE text): what a bad run of the script must leave alone."""
     out.mkdir()
