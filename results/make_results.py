@@ -727,8 +727,14 @@ SEEDS_SENTENCE = (
     "over the seeds. For an ablation, **Δ = mean(ablation) − mean(full recipe)** and "
     "SE = √(sd²ₐ/nₐ + sd²_f/n_f); "
     "with a handful of seeds SE is itself rough, so \"beyond noise\" (|Δ| ≥ 2 SE) is a screening rule, not a "
-    "test. The main and ablation tables above show the default seed alone."
+    "test. A count metric (top-1 on N eval images) moves in steps of 100/N points, and seeds that all score the "
+    "same count have SD 0, which would make a one-image difference \"beyond noise\"; so a |Δ| of at most one eval "
+    "example (the `one_example` column of seeds.csv) is reported as within one eval example, whatever the SE "
+    "(our choice). The main and ablation tables above show the default seed alone."
 )
+
+# Main metrics counted over eval examples, whose runs record how many (metrics.json eval_samples).
+COUNT_METRICS = {"top1", "top5"}
 
 
 def seed_groups(runs: list[Run]) -> dict:
@@ -744,6 +750,14 @@ def seed_ids(group: list[Run]) -> list[str]:
     are over the same seeds."""
     return sorted((str(r.m["seed"]) if "seed" in r.m else f"repeat {r.repeat}" for r in group),
                   key=lambda x: (len(x), x))
+
+
+def one_example(group: list[Run]) -> float | None:
+    """The step of a count metric, 100/N points, when every run of the group evaluated the same N examples; None
+    for a continuous metric (F1, WER) or an unknown or mixed N."""
+    ns = {r.m.get("eval_samples") for r in group}
+    n = ns.pop() if len(ns) == 1 else None
+    return 100.0 / n if group[0].metric in COUNT_METRICS and isinstance(n, int) and n > 0 else None
 
 
 def _spread(values: list[float]) -> tuple[float, float | None]:
@@ -776,13 +790,17 @@ def seed_records(runs: list[Run]) -> list[dict]:
             se = math.sqrt(sd ** 2 / len(vals) + fsd ** 2 / len(full))
             same = abs(delta) < 0.005  # equal at the 2 decimals shown (float sums of equal means differ by 1e-14)
             worse = (delta < 0) == rec["higher_is_better"] and not same
+            step = one_example(group + full)
+            # + 1e-3: metrics.json keeps 4 decimals, so a one-example Δ reads up to 1e-4 off 100/N either way
+            resolved = step is None or abs(delta) > step + 1e-3
             beyond = abs(delta) >= 2 * se and not same  # SE 0 (no spread in either): any difference is beyond it
-            rec.update(full_recipe_mean=fmean, delta=0.0 if same else delta, se=se,
+            within = "within noise" if not beyond or resolved else "within one eval example"
+            rec.update(full_recipe_mean=fmean, delta=0.0 if same else delta, se=se, one_example=step,
                        shows_paper_effect=("no (no difference)" if same else
-                                           "yes, beyond noise" if worse and beyond else
-                                           "in its direction, within noise" if worse else
-                                           "no: ablation better, beyond noise" if beyond else
-                                           "no, within noise"))
+                                           "yes, beyond noise" if worse and beyond and resolved else
+                                           f"in its direction, {within}" if worse else
+                                           "no: ablation better, beyond noise" if beyond and resolved else
+                                           f"no, {within}"))
         recs.append(rec)
     return sorted(recs, key=lambda a: (rank(a["scale"], SCALE_ORDER), rank(a["pipeline"], PIPELINE_ORDER),
                                        stage_rank(a["stage"])))
@@ -790,7 +808,7 @@ def seed_records(runs: list[Run]) -> list[dict]:
 
 SEED_CSV_COLUMNS = [("scale", 0), ("pipeline", 0), ("stage", 0), ("row", 0), ("metric", 0), ("higher_is_better", 0),
                     ("n", 0), ("seeds", 0), ("values", 0), ("mean", 4), ("std", 4), ("min", 4), ("max", 4),
-                    ("full_recipe_mean", 4), ("delta", 4), ("se", 4), ("shows_paper_effect", 0)]
+                    ("full_recipe_mean", 4), ("delta", 4), ("se", 4), ("one_example", 4), ("shows_paper_effect", 0)]
 
 
 def seeds_md(recs: list[dict], runs: list[Run]) -> str:
@@ -809,7 +827,7 @@ def seeds_md(recs: list[dict], runs: list[Run]) -> str:
         if "delta" in a or a.get("shows_paper_effect", "").startswith("no Δ"):
             t = tally.setdefault((a["scale"], a["pipeline"]), [0, 0, 0, 0])
             t[0] += a["shows_paper_effect"] == "yes, beyond noise"
-            t[1] += a["shows_paper_effect"] == "in its direction, within noise"
+            t[1] += a["shows_paper_effect"].startswith("in its direction")
             t[2] += "delta" in a
             t[3] += "delta" not in a
     summary = "".join(

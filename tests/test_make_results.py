@@ -392,6 +392,36 @@ def test_seed_verdicts(tmp_path, abl, verdict):
     assert recs["abl_no_kd"]["shows_paper_effect"] == verdict and recs["qat4"]["n"] == 3
 
 
+
+# FIXTURE values: top-1 on 360 images moves in steps of 100/360 = 0.2778 points; the full recipe's three seeds
+# score the same count (SD 0), so the SE is the ablation's alone.
+@pytest.mark.parametrize("abl,n_eval,verdict", [
+    ([95.8333] * 3, 360, "no, within one eval example"),  # +1 image, SE 0: beyond 2 SE, not beyond one image
+    ([95.2778] * 3, 360, "in its direction, within one eval example"),  # −1 image
+    ([95.8333] * 3, None, "no: ablation better, beyond noise"),  # N unknown: the 2-SE screen alone
+    ([96.1111] * 3, 360, "no: ablation better, beyond noise"),  # +2 images
+    ([94.7222, 95.0, 95.0], 360, "yes, beyond noise"),  # −2 images on average
+    ([95.8333, 95.2778, 96.1111], 360, "no, within noise"),  # +0.67 images, SE 0.25 images
+    ([95.8333] * 3, [360, 360, 720], "no: ablation better, beyond noise")])  # mixed N: no step known
+def test_seed_screen_does_not_resolve_less_than_one_eval_example(tmp_path, abl, n_eval, verdict):
+    runs = tmp_path / "runs"
+    for stage, vals in {"qat4": [95.5556] * 3, "abl_quant_first": abl}.items():
+        for k, v in enumerate(vals):
+            extra = dict(seed=k, **({"seed_repeat": k} if k else {}))
+            if stage.startswith("abl"):
+                extra["ablation"] = {"factor": "order", "variant": "quantize first"}
+            n = n_eval[k] if isinstance(n_eval, list) else n_eval
+            if n is not None:
+                extra["eval_samples"] = n
+            _write_run(runs, "vit_imagenet", stage + (f"_seed{k}" if k else ""),
+                       _metrics("vit_imagenet", stage, main_metric="top1", higher_is_better=True, top1=v, **extra),
+                       logs=False)
+    recs = {r["stage"]: r for r in make_results.seed_records(make_results.load_runs(runs)[0])}
+    a = recs["abl_quant_first"]
+    assert a["shows_paper_effect"] == verdict
+    assert a["one_example"] == (100 / 360 if n_eval == 360 else None)
+
+
 def test_out_keeps_the_files_make_results_did_not_write(runs, tmp_path, capsys, monkeypatch):
     """A README.md of the user's in --out stops the call (nothing written); a plot_*.png of the user's own
     survives a run, a stale per-run plot of this script's naming does not."""
