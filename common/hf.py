@@ -15,7 +15,7 @@ from .config import ConfigError, check_open_section, expand_paths, load_config, 
 from .distill import DistillationLoss
 from .dropout import ScheduledDropout
 from .pact import clip_state_as_1d
-from .runs import is_main_process
+from .runs import is_main_process, rank_seed
 from .stage import check_stage_config
 
 
@@ -53,8 +53,8 @@ class InterruptCallback(TrainerCallback):
 class PerRankSeedCallback(TrainerCallback):
     """Each rank its own random draws (dropout masks, wav2vec2's SpecAugment and LayerDrop): the Trainer seeds every
     rank with args.seed, so under DDP all GPUs drew the same masks for the same batch positions, a noise one GPU
-    does not have. seed + rank, as ViT's loop; one process: unchanged. On resume the Trainer then restores each
-    rank's saved states. `applies()`: whether the training order has a generator of its own (Accelerate's seedable
+    does not have. Reseeded by common.runs.rank_seed, as ViT's loop; one process: unchanged. On resume the Trainer
+    then restores each rank's saved states. `applies()`: whether the training order has a generator of its own (Accelerate's seedable
     sampler, HF's batch_rebalance, ours), so that it stays the same on every rank; HF's length-grouped sampler
     draws it from the global random state, which the ranks must then share."""
 
@@ -66,7 +66,7 @@ class PerRankSeedCallback(TrainerCallback):
             return
         if self.applies():
             from transformers import set_seed
-            set_seed(args.seed + args.process_index)
+            set_seed(rank_seed(args.seed, args.process_index))
         elif args.process_index == 0:
             print(f"[common.hf] train_sampling_strategy {args.train_sampling_strategy}: the Trainer's sampler draws "
                   "the data order from the global random state, so every rank keeps the same seed (and the same "

@@ -29,6 +29,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's own random streams (dropout, SpecAugment, drop-path). Rank 0 keeps `seed`, so one
+    process draws as it always did; another rank gets a 31-bit value mixed from (seed, rank) by numpy's
+    SeedSequence, because seed + rank would give rank 1 of seed 42 the streams of rank 0 of seed 43, which
+    `reproduce.py --seeds` runs as the next seed (our choice)."""
+    if rank == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed) % 2**64, int(rank)]).generate_state(1)[0] >> 1)
+
+
 # what a stage writes before it loads anything: a dir holding only these is a start that failed on its inputs
 # (a wrong model path, a missing data file), which the corrected command may reuse unasked
 STARTUP_FILES = {"config.yaml", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",

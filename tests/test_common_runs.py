@@ -11,8 +11,8 @@ import yaml
 
 from common.config import ConfigError
 from common.hf import check_model_source
-from common.runs import (DataError, RunError, check_run_of, cli, error_text, prepare_output_dir, read_metrics,
-                         reevaluated)
+from common.runs import (DataError, RunError, check_run_of, cli, error_text, prepare_output_dir, rank_seed,
+                         read_metrics, reevaluated)
 
 
 def test_read_metrics_names_a_damaged_file(tmp_path):
@@ -127,3 +127,12 @@ def test_resume_refuses_a_finished_run_and_names_changed_settings(tmp_path, caps
     err = capsys.readouterr().err
     assert "settings other than its config.yaml's (train.learning_rate: 3e-05 -> 1.0)" in err
     assert (run / "config.yaml").exists()
+
+
+def test_rank_seed_keeps_rank_0_and_gives_no_rank_another_seeds_streams():
+    """Rank 0 draws with the seed itself (one process as before); the other ranks of neighbouring seeds, the ones
+    `reproduce.py --seeds` runs, share no value with each other or with any seed's rank 0."""
+    assert [rank_seed(s, 0) for s in (0, 42, 43)] == [0, 42, 43]
+    values = [rank_seed(s, r) for s in range(40, 50) for r in range(8)]
+    assert len(set(values)) == len(values) and all(0 <= v < 2 ** 31 for v in values)
+    assert rank_seed(42, 1) == rank_seed(42, 1) != rank_seed(43, 1)

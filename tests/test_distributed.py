@@ -336,7 +336,7 @@ def seed_worker_run(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_each_rank_draws_its_own_dropout_masks(seed_worker_run, strategy):
-    """The Trainer seeds every rank alike: with its seedable sampler the ranks are reseeded (seed + rank), so their
+    """The Trainer seeds every rank alike: with its seedable sampler the ranks are reseeded (common.runs.rank_seed), so their
     dropout masks differ, and they still split every global batch between them (the data order has a generator of
     its own); with HF's length-grouped sampler, which draws the order from the global random state, they keep one
     seed, so that they still split the same order (the masks then repeat across ranks)."""

@@ -36,7 +36,7 @@ from common import ScheduledDropout, compression_summary  # noqa: E402
 from common.pact import clip_state_as_1d, fix_one_sided_clips  # noqa: E402
 from common.config import ConfigError, save_config, split_global_batch, stage_argv  # noqa: E402
 from common.runs import (RunError, check_resume, cli, find_model_file, prepare_output_dir,  # noqa: E402
-                         save_weight_sample, stage_metrics, write_json)
+                         rank_seed, save_weight_sample, stage_metrics, write_json)
 from common.stage import build_distiller, build_stage_model  # noqa: E402
 
 from vit_imagenet.pipeline import (PIPELINE, Dist, ResumableSampler, build_data, calibration_batches,  # noqa: E402
@@ -191,7 +191,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
         say(f"resume=true but {ckpt_path} does not exist: starting from the beginning")
 
     seed = int(t["seed"])
-    seed_rng(seed + d.rank)  # model init is overwritten by rank 0's weights under DDP
+    seed_rng(rank_seed(seed, d.rank))  # model init is overwritten by rank 0's weights under DDP
 
     # -- model: init weights (pretrained / init_from with masks) -> prepare -> calibrate ------------------------
     probe = create_model(cfg, init_weights=False)  # for the data config only (input size, mean/std)
@@ -277,7 +277,7 @@ def run(cfg: dict, d: Dist, t_start: float, cpu_start: float) -> dict:
             # Another world size. Global batch k of an epoch is positions [k*G, (k+1)*G) of the epoch's permutation
             # whatever the world size (the sampler stripes it over the ranks), so the data order carries over; the
             # ranks' random streams (dropout, drop-path) cannot, and are reseeded from (seed, step, rank): choice
-            seed_rng(seed + 1000 * step + d.rank)
+            seed_rng(rank_seed(seed + 1000 * step, d.rank))
             acc = [sum(a[0] for a in ckpt["log_acc_per_rank"]), sum(a[1] for a in ckpt["log_acc_per_rank"])] \
                 if d.main else [0.0, 0]
             say(f"resumed at step {step} on {d.world} processes a checkpoint saved by {saved_world}: the same global "
